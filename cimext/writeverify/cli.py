@@ -1,0 +1,269 @@
+"""``cimext write-verify``: train (or load) a model, then sweep selective write-verify.
+
+Writes write_verify.json, write_verify_fraction.png and write_verify_pulses.png (accuracy mean
+and 1st percentile against the fraction verified and against total pulses) into --out, and
+prints a summary table with each method's speedup over full write-verify."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+DEFAULT_LEVEL_SIGMA = "0.5,1.5,1.5,0.5"
+
+
+def add_parser(sub) -> None:
+    """Register the write-verify subcommand on an argparse subparsers object."""
+    from .. import data, models
+    from .sensitivity import METHODS
+
+    p = sub.add_parser(
+        "write-verify",
+        help="selective write-verify (U-SWIM): accuracy vs fraction verified and vs pulses",
+    )
+    p.add_argument("--dataset", default="digits", choices=list(data.DATASETS))
+    p.add_argument("--root", default=None, help="dataset folder (default: the dataset's own)")
+    p.add_argument("--model", default="lenet", choices=list(models.MODELS))
+    p.add_argument("--width", type=float, default=0.125, help="channel multiplier (not lenet)")
+    p.add_argument("--init", default=None, metavar="PATH", help="weights (model.safetensors)")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs when no --init")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--sigma", type=float, default=0.3, help="device sigma, in levels")
+    p.add_argument(
+        "--level-sigma",
+        default=DEFAULT_LEVEL_SIGMA,
+        help="per-level sigma multipliers (2**K numbers) or 'none' for uniform variation",
+    )
+    p.add_argument("--th", type=float, default=0.03, help="write-verify threshold, in levels")
+    p.add_argument("--weight-bits", type=int, default=8)
+    p.add_argument("--bits-per-device", type=int, default=2)
+    p.add_argument("--max-pulses", type=int, default=100, help="pulse cap of one device")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument(
+        "--fractions",
+        default=None,
+        help="fractions of weights to verify, comma separated (default: 0.005 ... 0.5)",
+    )
+    p.add_argument("--instances", type=int, default=100, help="programmed instances per point")
+    p.add_argument(
+        "--tolerance", type=float, default=0.5, help="accuracy loss (points) for the speedup"
+    )
+    p.add_argument("--hessian", default="obd", choices=["obd", "hutchinson"])
+    p.add_argument(
+        "--granularity",
+        default="weight",
+        choices=["weight", "device"],
+        help="verify whole weights (all their devices; the paper) or single devices",
+    )
+    p.add_argument("--calib", type=int, default=1024, help="training samples for the Hessian")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/write-verify", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _floats(name: str, text: str) -> list[float]:
+    from ..cli import CLIError
+
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CLIError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not vals or any(math.isnan(v) for v in vals):
+        raise CLIError(f"{name} must be comma-separated numbers, got {text!r}")
+    return vals
+
+
+def _device(a):
+    from ..cli import CLIError
+    from ..device import DeviceModel
+
+    ls = None
+    if a.level_sigma.strip().lower() not in ("", "none"):
+        ls = tuple(_floats("--level-sigma", a.level_sigma))
+    try:
+        return DeviceModel(
+            weight_bits=a.weight_bits,
+            bits_per_device=a.bits_per_device,
+            sigma=a.sigma,
+            level_sigma=ls,
+            th=a.th,
+        )
+    except (TypeError, ValueError) as e:
+        raise CLIError(str(e)) from None
+
+
+def _check_args(a):
+    from ..cli import CLIError
+    from .sensitivity import METHODS
+
+    for name in ("epochs", "batch_size", "instances", "max_pulses", "calib"):
+        if getattr(a, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if not 0.0 <= a.tolerance < 100.0:
+        raise CLIError(f"--tolerance must be in [0, 100) accuracy points, got {a.tolerance}")
+    if not a.width > 0:
+        raise CLIError(f"--width must be > 0, got {a.width}")
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise CLIError(f"--methods must be a list of {', '.join(METHODS)}; got {a.methods!r}")
+    fractions = None
+    if a.fractions is not None:
+        fractions = _floats("--fractions", a.fractions)
+        if any(not 0.0 <= f <= 1.0 for f in fractions):
+            raise CLIError(f"--fractions must be in [0, 1], got {a.fractions!r}")
+    if a.init is not None and not Path(a.init).is_file():
+        raise CLIError(f"--init {a.init}: no such file")
+    return methods, fractions
+
+
+def _model(a, device):
+    import torch
+
+    from .. import data, models
+    from ..cli import CLIError
+    from ..nn import convert
+
+    torch.manual_seed(a.seed)
+    c, h, _ = data.input_shape(a.dataset, root=a.root)
+    kw = dict(num_classes=data.num_classes(a.dataset, root=a.root), in_channels=c, input_size=h)
+    if a.model != "lenet":
+        kw["width"] = a.width
+    try:
+        net = models.get(a.model, **kw)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"--model {a.model}: {e}") from None
+    return convert(net, device=device)
+
+
+def run(a) -> int:
+    """The write-verify subcommand (parsed arguments ``a``)."""
+    import torch
+
+    from .. import data
+    from ..cli import CLIError, _writable_dir
+    from ..train import accuracy, fit
+    from .sweep import DEFAULT_FRACTIONS, selective_write_verify
+
+    methods, fractions = _check_args(a)
+    device = _device(a)
+    out = _writable_dir(a.out)
+    t0 = time.perf_counter()
+    try:
+        train = data.loader(a.dataset, "train", a.batch_size, root=a.root, seed=a.seed)
+        val = data.loader(a.dataset, "val", 1024, root=a.root)
+        test = data.loader(a.dataset, "test", 1024, root=a.root)
+    except (OSError, ValueError) as e:  # a missing dataset: its message, on one line
+        raise CLIError(" ".join(str(e).split())) from None
+    model = _model(a, device)
+    if a.init is not None:
+        from safetensors.torch import load_file
+
+        try:
+            model.load_state_dict(load_file(a.init))
+        except Exception as e:  # a bad file or weights of another model
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CLIError(f"--init {a.init}: not weights of this {a.model} ({first})") from None
+    else:
+        fit(
+            model,
+            train,
+            val,
+            "vanilla",
+            epochs=a.epochs,
+            lr=a.lr,
+            seed=a.seed,
+            progress=not a.quiet,
+        )
+        from safetensors.torch import save_file
+
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+            str(out / "model.safetensors"),
+        )
+    clean_test = accuracy(model, test)
+    # Hessian calibration: the first --calib training samples, in fixed order.
+    calib_set = data.load(a.dataset, "train", a.root, seed=a.seed)
+    n_cal = min(a.calib, len(calib_set))
+    xs, ys = calib_set.tensors[0][:n_cal], calib_set.tensors[1][:n_cal]
+    calib = [(xs[i : i + 256], ys[i : i + 256]) for i in range(0, n_cal, 256)]
+    res = selective_write_verify(
+        model,
+        test,
+        device,
+        calib=calib,
+        methods=methods,
+        fractions=fractions if fractions is not None else DEFAULT_FRACTIONS,
+        instances=a.instances,
+        seed=a.seed,
+        max_pulses=a.max_pulses,
+        tolerance=a.tolerance / 100.0,
+        hessian=a.hessian,
+        granularity=a.granularity,
+        progress=not a.quiet,
+    )
+    record = json.loads(res.to_json())
+    record.update(
+        command="write-verify",
+        dataset=a.dataset,
+        model=a.model,
+        width=a.width if a.model != "lenet" else None,
+        init=a.init,
+        epochs=None if a.init else a.epochs,
+        clean_test_accuracy=clean_test,
+        total_seconds=time.perf_counter() - t0,
+        torch=torch.__version__,
+    )
+    tmp = out / ".write_verify.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, out / "write_verify.json")
+    plots = res.plot(str(out / "write_verify"))
+    print(summary_table(res))
+    print(f"written: {out / 'write_verify.json'}, {', '.join(plots)}")
+    return 0
+
+
+def summary_table(res) -> str:
+    """The terminal summary: per method, the cheapest point within tolerance of full verify."""
+    full, none = res.full, res.none
+    rows = [
+        ("method", "verified", "pulses/weight", "acc mean", "acc q01", "speedup"),
+        (
+            "none",
+            "0%",
+            f"{none.pulses / res.weights:.2f}",
+            f"{100 * none.mean:.2f}",
+            f"{100 * none.q01:.2f}",
+            "-",
+        ),
+        (
+            "full",
+            "100%",
+            f"{full.pulses / res.weights:.2f}",
+            f"{100 * full.mean:.2f}",
+            f"{100 * full.q01:.2f}",
+            "1.00x",
+        ),
+    ]
+    for m, sp in res.speedup.items():
+        rows.append(
+            (
+                m,
+                f"{100 * sp['fraction']:.1f}%",
+                f"{sp['pulses'] / res.weights:.2f}",
+                f"{100 * sp['mean']:.2f}",
+                f"{100 * sp['q01']:.2f}",
+                f"{sp['speedup']:.2f}x",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    head = (
+        f"selective write-verify: clean {100 * res.clean_accuracy:.2f}%, {res.instances} "
+        f"instances, cheapest point within {100 * res.tolerance:.2f} points of full write-verify"
+    )
+    return "\n".join([head, lines[0], "-" * len(lines[0]), *lines[1:]])
