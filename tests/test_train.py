@@ -142,7 +142,7 @@ def test_empty_training_data():
 
 
 def test_methods_registry():
-    assert {"vanilla", "va", "trice"} <= set(METHODS)
+    assert {"vanilla", "va", "trice", "adv", "atrice"} <= set(METHODS)
 
 
 def _cli(*args, **kw):

@@ -1,7 +1,20 @@
-"""Training that protects CiM deployments: vanilla, variation-aware (VA) and TRICE noise
-injection (DESIGN section 7). ``fit`` is the entry point; ``METHODS`` maps a method name to its
-per-batch step so later methods (adversarial, A-TRICE) plug in the same way."""
+"""Training that protects CiM deployments (DESIGN section 7): vanilla, variation-aware (VA), TRICE
+noise injection, adversarial weight training (adv) and A-TRICE. ``fit`` is the entry point;
+``METHODS`` maps a method name to its per-batch step (register_method adds one); ``compare``
+trains several methods and evaluates each with LWC (the paper's Tables V/VI and Fig. 8)."""
 
-from .fit import METHODS, FitResult, StepContext, accuracy, fit, register_method
+from . import adversarial
+from .adversarial import sign_perturbation
+from .fit import METHODS, METRICS, FitResult, StepContext, accuracy, fit, register_method
 
-__all__ = ["METHODS", "FitResult", "StepContext", "accuracy", "fit", "register_method"]
+__all__ = [
+    "METHODS",
+    "METRICS",
+    "FitResult",
+    "StepContext",
+    "accuracy",
+    "adversarial",
+    "fit",
+    "register_method",
+    "sign_perturbation",
+]

@@ -1,5 +1,7 @@
-"""cimext.train.fit: train a (converted) model with vanilla, VA or TRICE steps, keep the best
-epoch by a validation metric, checkpoint atomically every epoch and resume a killed run."""
+"""cimext.train.fit: train a (converted) model with vanilla, VA, TRICE, adversarial or A-TRICE
+steps, keep the best epoch by a validation metric (clean, Monte Carlo quantile or F-LWC worst
+case), checkpoint atomically every epoch and resume a killed run. Under ``torchrun`` the model is
+trained with DistributedDataParallel (each rank takes its slice of every global batch)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import distributed as dist_
 from . import checkpoint as ckpt
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -29,17 +32,34 @@ class StepContext:
     epoch: int
     step: int
     generator: torch.Generator
+    # The unwrapped model when ``model`` is a DistributedDataParallel wrapper (passes that must
+    # not count as a DDP forward, such as the search for a worst-case perturbation, use it).
+    module: nn.Module | None = None
+    # What the step perturbed the weights with (adv / atrice: δ per CiM layer, weight units).
+    last_deltas: list[torch.Tensor] | None = None
 
 
 StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, StepContext], torch.Tensor]
 METHODS: dict[str, StepFn] = {}
 
 
-def register_method(name: str, needs_cim: bool = False):
-    """Decorator registering a per-batch training step ``fn(model, x, y, ctx) -> loss``."""
+def register_method(
+    name: str,
+    needs_cim: bool = False,
+    *,
+    defaults: dict | None = None,
+    check: Callable[[dict], dict] | None = None,
+):
+    """Decorator registering a per-batch training step ``fn(model, x, y, ctx) -> loss``.
+
+    ``defaults``: the method's own settings (fit() keywords) with their defaults; a method that
+    declares them refuses other keywords. ``check(settings) -> settings`` validates and completes
+    them before training starts (bad input fails before the first step)."""
 
     def deco(fn: StepFn) -> StepFn:
         fn.needs_cim = needs_cim  # type: ignore[attr-defined]
+        fn.defaults = dict(defaults) if defaults is not None else None  # type: ignore[attr-defined]
+        fn.check = check  # type: ignore[attr-defined]
         METHODS[name] = fn
         return fn
 
@@ -120,9 +140,38 @@ def accuracy(model: nn.Module, data: Iterable[Batch]) -> float:
     return correct / total
 
 
-def _metric_fn(metric) -> tuple[str, Callable[[nn.Module, Any], float]]:
+METRICS = ("clean", "mc", "flwc")
+_METRIC_OPTIONS = {
+    "clean": {},
+    # Monte Carlo: the q-quantile of n device instances (seed fixed, so epochs are compared on
+    # the same instances); device: a DeviceModel (default: fit's ``device``, else the layers').
+    "mc": dict(n=100, q=0.05, seed=0, device=None),
+    # F-LWC worst-case accuracy under |δ_l| <= th_g·s_l (default th_g: the method's, or 0.03).
+    "flwc": dict(th_g=None, eta=None, steps=None),
+}
+
+
+def _metric_fn(
+    metric, options: dict | None, settings: dict
+) -> tuple[str, dict, Callable[[nn.Module, Any], float]]:
+    """(name, completed options, fn(model, val) -> float) of a validation metric."""
     if callable(metric):
-        return getattr(metric, "__name__", "custom"), metric
+        if options:
+            raise TypeError("metric_options apply to the named metrics only, not to a callable")
+        return getattr(metric, "__name__", "custom"), {}, metric
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise ValueError(
+            f"metric must be one of {', '.join(map(repr, METRICS))} or a callable(model, val) -> "
+            f"float, got {metric!r}"
+        )
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_METRIC_OPTIONS[metric]))
+    if unknown:
+        raise TypeError(
+            f"metric {metric!r} got unexpected option(s) {unknown}; it takes "
+            f"{sorted(_METRIC_OPTIONS[metric])}"
+        )
+    opts = {**_METRIC_OPTIONS[metric], **options}
     if metric == "clean":
 
         def clean_accuracy(model, data):
@@ -133,8 +182,46 @@ def _metric_fn(metric) -> tuple[str, Callable[[nn.Module, Any], float]]:
                     return accuracy(model, data)
             return accuracy(model, data)
 
-        return "clean", clean_accuracy
-    raise ValueError(f"metric must be 'clean' or a callable(model, val) -> float, got {metric!r}")
+        return "clean", opts, clean_accuracy
+    if metric == "mc":
+        from ..device import DeviceModel
+
+        n = opts["n"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"metric_options n must be an int >= 1, got {n!r}")
+        q = opts["q"]
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+            raise ValueError(f"metric_options q must be in [0, 1], got {q!r}")
+        if opts["device"] is None:
+            opts["device"] = settings.get("device")
+        if opts["device"] is not None and not isinstance(opts["device"], DeviceModel):
+            raise TypeError(
+                f"metric_options device must be a cimext.DeviceModel, got "
+                f"{type(opts['device']).__name__}"
+            )
+
+        def mc_quantile(model, data):
+            from ..nn import require_cim_layers
+            from ..worstcase import monte_carlo
+
+            layers = require_cim_layers(model, "metric 'mc'")
+            device = opts["device"] if opts["device"] is not None else layers[0][1].device
+            res = monte_carlo(model, data, device, n, seed=opts["seed"], progress=False)
+            return res.quantile(q)
+
+        return "mc", opts, mc_quantile
+
+    if opts["th_g"] is None:
+        opts["th_g"] = settings.get("th_g", 0.03)
+    _check_positive("metric_options th_g", opts["th_g"])
+
+    def flwc_accuracy(model, data):
+        from ..worstcase import flwc
+
+        kw = {k: opts[k] for k in ("eta", "steps") if opts[k] is not None}
+        return flwc(model, data, opts["th_g"], progress=False, **kw).accuracy
+
+    return "flwc", opts, flwc_accuracy
 
 
 def _derive(seed: int, *parts: int) -> int:
@@ -177,22 +264,38 @@ def fit(
     sigma_t: float = 0.1,
     th_rcg: float = 1.0,
     metric="clean",
+    metric_options: dict | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     seed: int = 0,
     progress: bool = True,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    distributed: bool | None = None,
     **method_settings,
 ) -> FitResult:
-    """Train ``model`` on ``train`` with ``method`` ("vanilla", "va", "trice", or one added with
-    register_method) for ``epochs``, evaluating ``metric`` on ``val`` after each epoch; the model
-    ends holding the weights of the best epoch.
+    """Train ``model`` on ``train`` with ``method`` ("vanilla", "va", "trice", "adv", "atrice",
+    or one added with register_method) for ``epochs``, evaluating ``metric`` on ``val`` after
+    each epoch; the model ends holding the weights of the best epoch.
 
     va injects device noise (the layers' DeviceModel, or ``device``) in every forward; trice
-    injects right-censored Gaussian noise with ``sigma_t`` and ``th_rcg``. With
-    ``checkpoint_dir`` every epoch is checkpointed atomically (safetensors + JSON) and a later
-    call with the same directory resumes after the last finished epoch, giving the same weights
-    as an uninterrupted run. Returns a FitResult.
+    injects right-censored Gaussian noise with ``sigma_t`` and ``th_rcg``. adv (Algorithm 2 of
+    the paper) trains under the one-step F-LWC perturbation |δ_l| <= ``th_g``·s_l of the current
+    weights (``step_size``, default th_g; ``adv_steps`` sign steps, default 1; margin confidence
+    ``kappa``); atrice (Algorithm 3) minimizes (1 − ``alpha``)·loss under RCG noise + alpha·loss
+    under that perturbation (alpha = 1: adv; alpha = 0: trice). See cimext.train.adversarial.
+
+    ``metric``: "clean" (accuracy without noise), "mc" (the q-quantile of a Monte Carlo run;
+    ``metric_options`` n=100, q=0.05, seed=0, device=``device`` or the layers' DeviceModel),
+    "flwc" (F-LWC worst-case accuracy; options th_g (the method's, else 0.03), eta, steps), or a
+    callable(model, val) -> float; higher is better. With ``checkpoint_dir`` every epoch is
+    checkpointed atomically (safetensors + JSON) and a later call with the same directory resumes
+    after the last finished epoch, giving the same weights as an uninterrupted run.
+
+    Under ``torchrun`` (``distributed=None`` detects it; True requires it, False ignores it) the
+    model is wrapped in DistributedDataParallel: every rank iterates the same ``train`` batches
+    and takes its slice of each, the gradients are averaged, and the result equals a single
+    process on the same global batches (up to float rounding); rank 0 prints and checkpoints.
+    Returns a FitResult.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -201,6 +304,17 @@ def fit(
     if schedule not in (None, "cosine"):
         raise ValueError(f"schedule must be None or 'cosine', got {schedule!r}")
     step_fn = METHODS[method]
+    defaults = getattr(step_fn, "defaults", None)
+    if defaults is not None:
+        unknown = sorted(set(method_settings) - set(defaults))
+        if unknown:
+            raise TypeError(
+                f"fit(method={method!r}) got unexpected setting(s) {unknown}; it takes "
+                f"{sorted(defaults)} besides fit's own keywords"
+            )
+        method_settings = {**defaults, **method_settings}
+    if getattr(step_fn, "check", None) is not None:
+        method_settings = step_fn.check(method_settings)
     if getattr(step_fn, "needs_cim", False):
         from ..nn import cim_layers
 
@@ -209,7 +323,19 @@ def fit(
                 f"method {method!r} injects device noise and needs a converted model: "
                 "call cimext.convert(model) first"
             )
-    metric_name, metric_fn = _metric_fn(metric)
+    metric_name, metric_opts, metric_fn = _metric_fn(
+        metric, metric_options, dict(method_settings, device=device)
+    )
+    use_ddp = _setup_distributed(distributed)
+    rank, world = (dist_.rank(), dist_.world_size()) if use_ddp else (0, 1)
+    if use_ddp and isinstance(
+        getattr(train, "sampler", None), torch.utils.data.distributed.DistributedSampler
+    ):
+        raise ValueError(
+            "fit under torchrun slices every global batch itself: give every rank the same "
+            "loader, without a DistributedSampler"
+        )
+    progress = progress and rank == 0
     settings = dict(
         method=method,
         epochs=int(epochs),
@@ -224,10 +350,9 @@ def fit(
         metric=metric_name,
         **method_settings,
     )
-    json_settings = {
-        k: (repr(v) if not isinstance(v, (int, float, str, type(None))) else v)
-        for k, v in settings.items()
-    }
+    if metric_opts:
+        settings["metric_options"] = {k: v for k, v in metric_opts.items() if v is not None}
+    json_settings = {k: _jsonable(v) for k, v in settings.items()}
     settings["device"] = device
 
     dev = _model_device(model)
@@ -258,6 +383,16 @@ def fit(
         best_state = ckpt.load_tensors(cdir / "best.safetensors")
         start_epoch = meta["epoch"] + 1
 
+    run_model: nn.Module = model
+    if use_ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        run_model = DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
+    module = model if use_ddp else None
+    skipped = 0
+
     t_start = time.perf_counter()
     for epoch in range(start_epoch, int(epochs)):
         t0 = time.perf_counter()
@@ -270,20 +405,40 @@ def fit(
         total_loss = total_n = 0.0
         batches = _progress(train, progress, f"epoch {epoch + 1}/{epochs} [{method}]")
         for step, (x, y) in enumerate(batches):
+            scale = 1.0
+            if world > 1:
+                # Every rank sees the same global batch and keeps its slice. DDP averages the
+                # ranks' gradients; weighting a slice's mean loss by its share of the batch
+                # makes that average the global batch's mean also when it does not divide.
+                n_global = y.shape[0]
+                if n_global < world:
+                    skipped += 1  # a slice would be empty on some rank
+                    continue
+                x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+                scale = y.shape[0] * world / n_global
             x, y = x.to(dev), y.to(dev)
-            loss = step_fn(model, x, y, StepContext(settings, epoch, step, gen))
+            loss = step_fn(run_model, x, y, StepContext(settings, epoch, step, gen, module))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * scale if scale != 1.0 else loss).backward()
             opt.step()
             total_loss += loss.item() * y.numel()
             total_n += y.numel()
             if hasattr(batches, "set_postfix"):
                 batches.set_postfix(loss=f"{total_loss / total_n:.4f}", refresh=False)
+        if world > 1:
+            sums = torch.tensor([total_loss, total_n], dtype=torch.float64)
+            dist_.all_reduce_sum_([sums])
+            total_loss, total_n = sums.tolist()
         if total_n == 0:
             raise ValueError("fit: the training data yielded no samples")
         if sched is not None:
             sched.step()
-        value = float(metric_fn(model, val))
+        # Every rank evaluates (monte_carlo shards its instances); rank 0's value decides.
+        value = float(
+            dist_.broadcast_object(float(metric_fn(model, val)))
+            if world > 1
+            else metric_fn(model, val)
+        )
         row = dict(
             epoch=epoch,
             train_loss=total_loss / total_n,
@@ -295,7 +450,7 @@ def fit(
         if value > best_value:
             best_epoch, best_value = epoch, value
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        if cdir is not None:
+        if cdir is not None and rank == 0:
             opt_tensors, opt_meta = ckpt.optimizer_split(opt)
             model_tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
             ckpt.save_tensors(cdir / "best.safetensors", best_state)
@@ -312,6 +467,8 @@ def fit(
                     scheduler=sched.state_dict() if sched is not None else None,
                 ),
             )
+        if world > 1:
+            dist_.barrier()  # the checkpoint is complete before any rank goes on
         if progress:
             print(
                 f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f}, "
@@ -321,6 +478,16 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
 
+    if use_ddp:
+        del run_model  # drops DDP's gradient hooks from the parameters
+    if skipped:
+        import warnings
+
+        warnings.warn(
+            f"fit: {skipped} batch(es) smaller than the {world} processes were skipped",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if best_state is not None:
         model.load_state_dict({k: v.to(dev) for k, v in best_state.items()})
     result = FitResult(
@@ -333,9 +500,30 @@ def fit(
         settings=json_settings,
         checkpoint_dir=str(cdir) if cdir is not None else None,
     )
-    if cdir is not None:
+    if cdir is not None and rank == 0:
         ckpt.save_json(cdir / "result.json", json.loads(result.to_json()))
     return result
+
+
+def _jsonable(v):
+    if isinstance(v, (int, float, str, type(None))):
+        return v
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return repr(v)
+
+
+def _setup_distributed(flag: bool | None) -> bool:
+    """Whether fit() runs DDP: detected from torchrun's environment unless ``flag`` says."""
+    if flag is False:
+        return False
+    on = dist_.init_from_env()
+    if flag and not on:
+        raise ValueError(
+            "distributed=True needs a process group of more than one process (run under "
+            "torchrun, or call torch.distributed.init_process_group first)"
+        )
+    return on
 
 
 def _progress(it, enabled: bool, desc: str):

@@ -4,13 +4,16 @@ Instance i of a run with seed s has device seed splitmix64(s ^ splitmix64(i)), s
 reproduces a run exactly and a run with n instances is a prefix of one with more. Many instances
 go through each forward at once (cimext.instance(model, seeds=[...]) folds them into the batch),
 so per-call overheads are shared and nothing but the instance seeds is stored.
+
+Under ``torchrun`` the chunks of instances are dealt round-robin to the ranks and the
+per-instance accuracies gathered on every rank: each chunk is computed exactly as a single process
+computes it, so the result is identical to the single-process one for the same seeds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import numbers
 import time
 from collections.abc import Iterable, Iterator
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import distributed
 from ..device import DeviceModel
 from ..reference import splitmix64
 
@@ -141,7 +145,9 @@ def monte_carlo(
     Use ``DeviceModel.verified(th_g)`` for the write-verified population that the worst-case
     methods are compared with. ``instances_per_call`` instances share each forward (default: as
     many as keep about 8192 samples per forward). ``start`` offsets the instance indices (a shard
-    of a larger run). Returns a MonteCarloResult.
+    of a larger run). Under torchrun (a torch.distributed process group of more than one
+    process) every rank must call it with the same arguments; the instances are sharded across
+    the ranks and every rank gets the full result. Returns a MonteCarloResult.
     """
     from ..nn import clean, instance, require_cim_layers, unfold
 
@@ -170,9 +176,12 @@ def monte_carlo(
             correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in batches)
         clean_acc = correct / samples
         acc = torch.zeros(n, dtype=torch.float64)
-        chunks = range(0, n, k)
+        # Under torchrun each rank takes every world-th chunk (chunk boundaries as in one process).
+        rank, world = distributed.rank(), distributed.world_size()
+        chunks = range(0, n, k)[rank::world]
+        progress = progress and rank == 0
         with _population(model, device):
-            for c0 in _progress(chunks, progress, math.ceil(n / k), "monte carlo"):
+            for c0 in _progress(chunks, progress, len(chunks), "monte carlo"):
                 seeds = instance_seeds(seed, min(k, n - c0), start + c0)
                 hits = torch.zeros(len(seeds), dtype=torch.int64, device=p.device)
                 with instance(model, seeds=seeds):
@@ -180,6 +189,11 @@ def monte_carlo(
                         pred = unfold(model(x), len(seeds)).argmax(-1)
                         hits += (pred == y).sum(1)
                 acc[c0 : c0 + len(seeds)] = hits.cpu().double() / samples
+        if world > 1:
+            mine = {c0: acc[c0 : c0 + min(k, n - c0)].tolist() for c0 in chunks}
+            for part in distributed.all_gather_object(mine):
+                for c0, values in part.items():
+                    acc[c0 : c0 + len(values)] = torch.tensor(values, dtype=torch.float64)
     finally:
         model.train(was_training)
     return MonteCarloResult(
@@ -190,7 +204,7 @@ def monte_carlo(
         clean_accuracy=clean_acc,
         seconds=time.perf_counter() - t0,
         samples=samples,
-        settings=dict(instances_per_call=k, start=start),
+        settings=dict(instances_per_call=k, start=start, ranks=world),
     )
 
 
