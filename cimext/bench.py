@@ -193,6 +193,46 @@ def bench_train_step(noise: str, *, min_time: float, rounds: int, batch: int = 1
     return _interleaved({"clean": lambda: step(plain), "cimext": noisy}, rounds, min_time)
 
 
+def bench_method_step(method: str, *, min_time: float, rounds: int, batch: int = 128):
+    """One optimizer step of LeNet (28x28) with a worst-case-aware training method ("adv",
+    "atrice" with alpha = 0.5: sign-step perturbation search + adversarial pass + RCG noise pass)
+    on the converted model, against a vanilla step of the plain model."""
+    import copy
+
+    from . import models
+    from .nn import convert
+    from .train import METHODS, StepContext
+
+    torch.manual_seed(0)
+    plain = models.lenet().to(DEVICE)
+    conv = convert(copy.deepcopy(plain))
+    x = torch.randn(batch, 1, 28, 28, device=DEVICE)
+    y = torch.randint(0, 10, (batch,), device=DEVICE)
+    opts = {id(m): torch.optim.SGD(m.parameters(), lr=1e-3) for m in (plain, conv)}
+    settings = dict(th_g=0.03, step_size=0.03, adv_steps=1, kappa=0.0, alpha=0.5)
+    settings.update(sigma_t=0.1, th_rcg=1.0, device=None)
+    gen = torch.Generator().manual_seed(0)
+
+    def step(m, name):
+        opt = opts[id(m)]
+        loss = METHODS[name](m, x, y, StepContext(settings, 0, 0, gen))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return _interleaved(
+        {"clean": lambda: step(plain, "vanilla"), "cimext": lambda: step(conv, method)},
+        rounds,
+        min_time,
+    )
+
+
+def _bench_obd(*, min_time: float, rounds: int) -> dict:
+    from .writeverify.bench import bench_obd
+
+    return bench_obd(batch=256, min_time=min_time, rounds=rounds, device=DEVICE)
+
+
 def run(
     quick: bool = False, backend: str = "auto", device: str = "cpu", only: str | None = None
 ) -> list[dict]:
@@ -252,6 +292,24 @@ def run(
                 0.0,
             )
         )
+    for method in ("adv", "atrice"):
+        cases.append(
+            (
+                f"train step lenet b=128 {method}",
+                lambda m=method: bench_method_step(m, min_time=min_time, rounds=rounds),
+                "ratio",
+                0.0,
+            )
+        )
+    # Hessian diagonal ("obd", cimext.writeverify) against one forward + backward of LeNet.
+    cases.append(
+        (
+            "hessian obd lenet b=256",
+            lambda: _bench_obd(min_time=min_time, rounds=rounds),
+            "ratio",
+            0.0,
+        )
+    )
     n_noise = 1 << 22
     cases.append(
         (

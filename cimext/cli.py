@@ -1,4 +1,4 @@
-"""The ``cimext`` command line. Subcommands: train, bench.
+"""The ``cimext`` command line. Subcommands: train, compare, write-verify, bench.
 
 Every subcommand prints one clear line and exits non-zero on bad input, missing data, an
 unwritable --out or Ctrl-C; results go to --out as JSON (checkpoints are written atomically, so an
@@ -47,11 +47,11 @@ def _quant(text: str | None):
 def _train_parser(sub) -> None:
     from . import data, models
 
-    p = sub.add_parser("train", help="train a model (vanilla, va or trice) on a dataset")
+    p = sub.add_parser("train", help="train a model (vanilla, va, trice, adv, atrice)")
     p.add_argument("--dataset", default="digits", choices=list(data.DATASETS))
     p.add_argument("--root", default=None, help="dataset folder (default: the dataset's own)")
     p.add_argument("--model", default="lenet", choices=list(models.MODELS))
-    p.add_argument("--method", default="vanilla", help="vanilla, va or trice")
+    p.add_argument("--method", default="vanilla", help="vanilla, va, trice, adv or atrice")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -64,6 +64,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--bits-per-device", type=int, default=2)
     p.add_argument("--sigma-t", type=float, default=0.1, help="trice: RCG sigma_t")
     p.add_argument("--th-rcg", type=float, default=1.0, help="trice: RCG cut-off th")
+    from .train.compare import add_method_arguments
+
+    add_method_arguments(p)  # --alpha, --train-th-g, --step-size, --adv-steps, --metric
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--init",
@@ -99,12 +102,14 @@ def build_model(dataset: str, model: str, quant=None, device_model=None, seed: i
 def cmd_train(a) -> int:
     import torch
 
-    from . import data
+    from . import data, distributed
     from .device import DeviceModel
     from .train import METHODS, accuracy, fit
+    from .train.compare import method_kwargs
 
     if a.method not in METHODS:
         raise CLIError(f"--method must be one of {', '.join(sorted(METHODS))}; got {a.method!r}")
+    method_kw = method_kwargs(a, a.method)
     for name in ("epochs", "batch_size"):
         if getattr(a, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -150,8 +155,11 @@ def cmd_train(a) -> int:
         checkpoint_dir=out / "checkpoints",
         resume=not a.no_resume,
         progress=not a.quiet,
+        **method_kw,
     )
     test_acc = accuracy(model, test)
+    if not distributed.is_main():
+        return 0  # under torchrun rank 0 writes and prints
     from safetensors.torch import save_file
 
     save_file(
@@ -168,6 +176,7 @@ def cmd_train(a) -> int:
         test_accuracy=test_acc,
         best_epoch=res.best_epoch,
         val_accuracy=res.best_value,
+        val_metric=res.metric,
         seconds=time.perf_counter() - t0,
         history=res.history,
         settings=res.settings,
@@ -182,7 +191,7 @@ def cmd_train(a) -> int:
         ("method", a.method),
         ("quant (W,A bits)", "float" if quant is None else f"{quant[0]},{quant[1]}"),
         ("best epoch", f"{res.best_epoch + 1} of {a.epochs}"),
-        ("val accuracy", f"{100 * res.best_value:.2f}%"),
+        (f"val accuracy ({res.metric})", f"{100 * res.best_value:.2f}%"),
         ("test accuracy", f"{100 * test_acc:.2f}%"),
         ("time", f"{record['seconds']:.1f} s"),
         ("written", str(out / "train.json")),
@@ -201,6 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)
+    from .writeverify.cli import add_parser as _write_verify_parser
+
+    _write_verify_parser(sub)
+    from .bitflip.cli import add_parser as _bitflip_parser
+
+    _bitflip_parser(sub)
+    from .train import compare
+
+    compare.add_parser(sub)
     sub.add_parser("bench", help="kernel benchmarks against plain PyTorch", add_help=False)
     if not argv:
         parser.print_help()
@@ -213,6 +231,16 @@ def main(argv: list[str] | None = None) -> int:
         a = parser.parse_args(argv)
         if a.command == "train":
             return cmd_train(a)
+        if a.command == "write-verify":
+            from .writeverify.cli import run as cmd_write_verify
+
+            return cmd_write_verify(a)
+        if a.command == "compare":
+            return compare.run(a)
+        if a.command == "bitflip":
+            from .bitflip.cli import run as cmd_bitflip
+
+            return cmd_bitflip(a)
         parser.print_help()
         return 2
     except CLIError as e:
@@ -231,4 +259,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the imported module's main, so that `python -m cimext.cli` and the submodules that
+    # raise cimext.cli.CLIError share one CLIError class.
+    from cimext.cli import main as _main
+
+    raise SystemExit(_main())

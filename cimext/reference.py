@@ -371,3 +371,339 @@ def sign_step_(
             acc = torch.float64 if d.dtype == torch.float64 else torch.float32
             step = d.to(acc) - eta * g.sign().to(acc)
             d.copy_(step.clamp_(-b, b))
+
+
+# ------------------------------------------------------------------------------------------------
+# bitflip / bitflip_ (noisy memory, DESIGN section 5)
+# ------------------------------------------------------------------------------------------------
+# dtype -> (bits, signed int view of the same width, sign, exponent, mantissa masks). Integer
+# dtypes have no exponent or mantissa; unsigned ones have no sign bit.
+BITFLIP_FORMATS: dict[torch.dtype, tuple[int, torch.dtype, int, int, int]] = {
+    torch.float32: (32, torch.int32, 0x80000000, 0x7F800000, 0x007FFFFF),
+    torch.float16: (16, torch.int16, 0x8000, 0x7C00, 0x03FF),
+    torch.bfloat16: (16, torch.int16, 0x8000, 0x7F80, 0x007F),
+    torch.int8: (8, torch.int8, 0x80, 0, 0),
+    torch.uint8: (8, torch.int8, 0, 0, 0),
+    torch.int16: (16, torch.int16, 0x8000, 0, 0),
+    torch.int32: (32, torch.int32, 0x80000000, 0, 0),
+}
+# The largest number of elements in one segment of the flip stream, and the expected number of
+# candidate flips a segment is cut down to (the work of one thread / lane between two loads of
+# the gap table: small enough to balance, large enough that a segment's first draw is amortized).
+BITFLIP_MAX_SEGMENT = 65536
+BITFLIP_FLIPS_PER_SEGMENT = 64
+# Gaps are found by binary search over q^(2^k); 2^22 - 1 exceeds every segment's bit count.
+BITFLIP_MAX_LEVELS = 22
+_TWO_M53 = 2.0**-53
+
+
+def bit_mask(dtype: torch.dtype, bits: str | int = "all") -> int:
+    """The mask of the bits named by ``bits`` in ``dtype``'s raw representation: "all", "sign",
+    "exponent", "mantissa", several joined by "+" ("sign+exponent"), or an int mask (checked)."""
+    if dtype not in BITFLIP_FORMATS:
+        names = ", ".join(str(d).removeprefix("torch.") for d in BITFLIP_FORMATS)
+        raise TypeError(f"bitflip: dtype must be one of {names}, got {dtype}")
+    width, _, sign, exponent, mantissa = BITFLIP_FORMATS[dtype]
+    full = (1 << width) - 1
+    if isinstance(bits, bool):
+        raise TypeError(f"mask must be an int or a string, got {bits!r}")
+    if isinstance(bits, int):
+        if not 0 <= bits <= full:
+            raise ValueError(f"mask must be in [0, {full:#x}] for {dtype}, got {bits:#x}")
+        return bits
+    if not isinstance(bits, str):
+        raise TypeError(f"mask must be an int or a string, got {bits!r}")
+    parts = {"all": full, "sign": sign, "exponent": exponent, "mantissa": mantissa}
+    mask = 0
+    for name in bits.split("+"):
+        name = name.strip().lower()
+        if name not in parts:
+            raise ValueError(
+                f"mask {bits!r}: {name!r} is not one of 'all', 'sign', 'exponent', 'mantissa'"
+            )
+        if parts[name] == 0:
+            raise ValueError(f"mask {bits!r}: {dtype} has no {name} bits")
+        mask |= parts[name]
+    return mask
+
+
+def check_bitflip(t: torch.Tensor, p01: float, p10: float, mask: int) -> None:
+    """Raise, naming the argument, unless bitflip may run: ``t`` a tensor of a supported dtype;
+    p01 and p10 in [0, 1] (not NaN); ``mask`` within the dtype's bits."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"bitflip: t must be a torch.Tensor, got {type(t).__name__}")
+    bit_mask(t.dtype, mask)
+    for name, p in (("p01", p01), ("p10", p10)):
+        if not 0.0 <= p <= 1.0:  # also false for NaN
+            raise ValueError(f"bitflip: {name} must be a probability in [0, 1], got {p}")
+
+
+def bitflip_segment(pmax: float, m: int) -> int:
+    """Elements per segment: the largest power of two <= BITFLIP_MAX_SEGMENT whose expected
+    number of candidate flips, E * m * pmax, is <= BITFLIP_FLIPS_PER_SEGMENT (or 1)."""
+    e = BITFLIP_MAX_SEGMENT
+    while e > 1 and e * m * pmax > BITFLIP_FLIPS_PER_SEGMENT:
+        e //= 2
+    return e
+
+
+def bitflip_gap_table(pmax: float) -> list[float]:
+    """q^(2^k), q = 1 - pmax, for the levels k that a 53-bit uniform can reach (at most 22)."""
+    table, t = [], 1.0 - pmax
+    while len(table) < BITFLIP_MAX_LEVELS and t >= _TWO_M53:
+        table.append(t)
+        t = t * t
+    return table
+
+
+def bitflip_gaps(table: Sequence[float], u: torch.Tensor) -> torch.Tensor:
+    """Geometric gaps G with P(G >= g) = q^g from 53-bit uniforms u in (0, 1]: the largest g
+    (< 2^len(table)) with q^g >= u, found bit by bit from the top level down. Only float64
+    products and comparisons, so every backend that keeps this order gets the same gaps."""
+    acc = torch.ones_like(u)
+    gap = torch.zeros(u.shape, dtype=torch.int64, device=u.device)
+    for level in range(len(table) - 1, -1, -1):
+        cand = acc * table[level]
+        take = cand >= u
+        acc = torch.where(take, cand, acc)
+        gap = gap + (take.to(torch.int64) << level)
+    return gap
+
+
+def _u53(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """53 random bits (hi's 32 and lo's top 21) as an int64 in [0, 2^53)."""
+    return (hi << 21) | (lo >> 11)
+
+
+def bitflip_(
+    t: torch.Tensor,
+    p01: float,
+    p10: float,
+    mask: int,
+    seed: int,
+    layer_id: int = 0,
+    zero_nonfinite: bool = False,
+) -> torch.Tensor:
+    """Flip bits of ``t``'s raw representation in place; returns the number of flips (int64).
+
+    The bits eligible under ``mask`` (positions b_0 < ... < b_{m-1}) of element i (flat,
+    row-major) are the stream positions i·m + r. Elements are cut into segments of E =
+    bitflip_segment(max(p01, p10), m) elements; segment s draws candidate positions one after
+    the other, gaps G with P(G >= g) = (1 − pmax)^g (bitflip_gaps), from the Philox block
+    randint4x(stream_seed(seed, layer_id), (s << 32) | d) of its d-th candidate: words 0 and 1 give
+    the gap uniform u = (u53 + 1)·2^-53, words 2 and 3 the thinning uniform v = u53·2^-53. A
+    candidate bit that is 0 flips if v < p01 / pmax, one that is 1 if v < p10 / pmax (so p01 =
+    p10 flips every candidate). With ``zero_nonfinite``, a float element that a flip made NaN or
+    ±Inf becomes +0 (still counted); otherwise it stays as the flip left it."""
+    check_bitflip(t, p01, p10, mask)
+    count = torch.zeros((), dtype=torch.int64, device=t.device)
+    pmax = max(p01, p10)
+    width, view_dtype, _, exponent, _ = BITFLIP_FORMATS[t.dtype]
+    positions = [b for b in range(width) if (mask >> b) & 1]
+    m, n = len(positions), t.numel()
+    if pmax == 0.0 or m == 0 or n == 0:
+        return count
+    stream = stream_seed(seed, layer_id)
+    table = bitflip_gap_table(pmax)
+    e = bitflip_segment(pmax, m)
+    n_seg = (n + e - 1) // e
+    seg = torch.arange(n_seg, dtype=torch.int64, device=t.device)
+    seg_len = torch.clamp_max(n - seg * e, e) * m  # positions per segment
+    cur = torch.zeros_like(seg)
+    active = torch.ones(n_seg, dtype=torch.bool, device=t.device)
+    elems, bits, accept_v = [], [], []
+    draw = 0
+    while bool(active.any()):
+        x0, x1, x2, x3 = randint4x(stream, (seg << 32) | draw)
+        u = (_u53(x0, x1) + 1).to(torch.float64) * _TWO_M53
+        v = _u53(x2, x3).to(torch.float64) * _TWO_M53
+        pos = cur + bitflip_gaps(table, u)
+        active = active & (pos < seg_len)
+        elems.append((seg * e + pos // m)[active])
+        bits.append((pos % m)[active])
+        accept_v.append(v[active])
+        cur = pos + 1
+        draw += 1
+    elem, r, v = torch.cat(elems), torch.cat(bits), torch.cat(accept_v)
+    bit = torch.tensor(positions, dtype=torch.int64, device=t.device)[r]
+    with torch.no_grad():
+        flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
+        raw = flat.view(view_dtype).to(torch.int64) & ((1 << width) - 1)
+        was_one = ((raw[elem] >> bit) & 1) == 1
+        ratio = torch.where(was_one, p10 / pmax, p01 / pmax).to(torch.float64)
+        keep = v < ratio
+        elem, bit = elem[keep], bit[keep]
+        flips = torch.zeros(n, dtype=torch.int64, device=t.device)
+        flips.index_put_((elem,), torch.ones_like(bit) << bit, accumulate=True)  # distinct bits
+        raw = raw ^ flips
+        if zero_nonfinite and exponent:
+            bad = (flips != 0) & ((raw & exponent) == exponent)
+            raw = torch.where(bad, torch.zeros_like(raw), raw)
+        # Back to the signed view's range, then to the tensor's own bits.
+        signed = torch.where(raw >= 1 << (width - 1), raw - (1 << width), raw)
+        flat.view(view_dtype).copy_(signed.to(view_dtype))
+        if flat.data_ptr() != t.data_ptr() or not t.is_contiguous():
+            t.copy_(flat.view(t.shape))
+    count.fill_(int(keep.sum()))
+    return count
+
+
+def bitflip(
+    t: torch.Tensor,
+    p01: float,
+    p10: float,
+    mask: int,
+    seed: int,
+    layer_id: int = 0,
+    zero_nonfinite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A flipped copy of ``t`` and the number of flips (bitflip_ on a clone)."""
+    check_bitflip(t, p01, p10, mask)
+    out = t.clone(memory_format=torch.contiguous_format)
+    return out, bitflip_(out, p01, p10, mask, seed, layer_id, zero_nonfinite)
+
+
+# ------------------------------------------------------------------------------------------------
+# Becker–LeCun curvature ops: hdiag_linear / hdiag_conv2d / curv_backward_linear / _conv2d
+# ------------------------------------------------------------------------------------------------
+def _check_curv_pair(op: str, a: torch.Tensor, b: torch.Tensor, an: str, bn: str) -> None:
+    for name, t in ((an, a), (bn, b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if a.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: {an} must be float32 or float64, got {a.dtype}")
+    if b.dtype != a.dtype:
+        raise TypeError(f"{op}: {bn} dtype {b.dtype} must match {an} dtype {a.dtype}")
+    if b.device != a.device:
+        raise ValueError(f"{op}: {bn} is on {b.device} but {an} is on {a.device}")
+
+
+def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _check_conv_args(op: str, kernel, stride, padding, dilation, groups: int) -> None:
+    for name, v, low in (
+        ("kernel_size", kernel, 1),
+        ("stride", stride, 1),
+        ("padding", padding, 0),
+        ("dilation", dilation, 1),
+    ):
+        if len(v) != 2 or any(int(e) < low for e in v):
+            raise ValueError(f"{op}: {name} must be two ints >= {low}, got {list(v)}")
+    if groups < 1:
+        raise ValueError(f"{op}: groups must be >= 1, got {groups}")
+
+
+def check_hdiag_linear(x: torch.Tensor, s_out: torch.Tensor) -> None:
+    """The argument checks of hdiag_linear (same exception types as the C++ kernels)."""
+    op = "hdiag_linear"
+    _check_curv_pair(op, x, s_out, "x", "s_out")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension, got a scalar")
+    if s_out.dim() != x.dim() or s_out.shape[:-1] != x.shape[:-1]:
+        raise ValueError(
+            f"{op}: s_out shape {list(s_out.shape)} must be x shape {list(x.shape)} with the "
+            "last dimension replaced by out_features"
+        )
+
+
+def check_curv_backward_linear(s_out: torch.Tensor, weight: torch.Tensor) -> None:
+    """The argument checks of curv_backward_linear."""
+    op = "curv_backward_linear"
+    _check_curv_pair(op, s_out, weight, "s_out", "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D (out, in), got shape {list(weight.shape)}")
+    if s_out.dim() < 1 or s_out.shape[-1] != weight.shape[0]:
+        raise ValueError(
+            f"{op}: s_out shape {list(s_out.shape)} must end in out_features = {weight.shape[0]}"
+        )
+
+
+def check_hdiag_conv2d(x, s_out, kernel_size, stride, padding, dilation, groups) -> None:
+    """The argument checks of hdiag_conv2d."""
+    op = "hdiag_conv2d"
+    _check_curv_pair(op, x, s_out, "x", "s_out")
+    _check_conv_args(op, kernel_size, stride, padding, dilation, groups)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be (N, C, H, W), got shape {list(x.shape)}")
+    if s_out.dim() != 4:
+        raise ValueError(f"{op}: s_out must be (N, O, OH, OW), got shape {list(s_out.shape)}")
+    if x.shape[1] % groups or s_out.shape[1] % groups:
+        raise ValueError(
+            f"{op}: groups {groups} must divide the channels of x ({x.shape[1]}) and s_out "
+            f"({s_out.shape[1]})"
+        )
+    oh, ow = (
+        _conv_out(x.shape[2 + k], kernel_size[k], stride[k], padding[k], dilation[k])
+        for k in range(2)
+    )
+    if oh < 1 or ow < 1:
+        raise ValueError(f"{op}: the kernel does not fit the padded input {list(x.shape)}")
+    if s_out.shape[0] != x.shape[0] or tuple(s_out.shape[2:]) != (oh, ow):
+        raise ValueError(
+            f"{op}: s_out shape {list(s_out.shape)} must be ({x.shape[0]}, O, {oh}, {ow}) for x "
+            f"shape {list(x.shape)}"
+        )
+
+
+def check_curv_backward_conv2d(s_out, weight, input_size, stride, padding, dilation, groups):
+    """The argument checks of curv_backward_conv2d."""
+    op = "curv_backward_conv2d"
+    _check_curv_pair(op, s_out, weight, "s_out", "weight")
+    if weight.dim() != 4:
+        raise ValueError(
+            f"{op}: weight must be (O, C/groups, kh, kw), got shape {list(weight.shape)}"
+        )
+    _check_conv_args(op, weight.shape[2:], stride, padding, dilation, groups)
+    if s_out.dim() != 4:
+        raise ValueError(f"{op}: s_out must be (N, O, OH, OW), got shape {list(s_out.shape)}")
+    if weight.shape[0] % groups:
+        raise ValueError(f"{op}: groups {groups} must divide out_channels {weight.shape[0]}")
+    if s_out.shape[1] != weight.shape[0]:
+        raise ValueError(
+            f"{op}: s_out has {s_out.shape[1]} channels, weight has out_channels {weight.shape[0]}"
+        )
+    if len(input_size) != 2 or min(input_size) < 1:
+        raise ValueError(f"{op}: input_size must be positive, got {list(input_size)}")
+    want = tuple(
+        _conv_out(input_size[k], weight.shape[2 + k], stride[k], padding[k], dilation[k])
+        for k in range(2)
+    )
+    if tuple(s_out.shape[2:]) != want:
+        raise ValueError(
+            f"{op}: s_out spatial size {tuple(s_out.shape[2:])} must be {want} for input_size "
+            f"{list(input_size)}"
+        )
+
+
+def hdiag_linear(x: torch.Tensor, s_out: torch.Tensor) -> torch.Tensor:
+    """H[o, i] = Σ_n s_out[n, o] · x[n, i]² over all leading dims: shape (out, in)."""
+    check_hdiag_linear(x, s_out)
+    return s_out.reshape(-1, s_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).square()
+
+
+def hdiag_conv2d(x, s_out, kernel_size, stride, padding, dilation, groups) -> torch.Tensor:
+    """Σ_n,p s_out[n, o, p] · unfold(x)²: the weight gradient of conv2d on x² with output
+    gradient s_out, shape (O, C/groups, kh, kw)."""
+    check_hdiag_conv2d(x, s_out, kernel_size, stride, padding, dilation, groups)
+    shape = (s_out.shape[1], x.shape[1] // groups, *kernel_size)
+    return torch.nn.grad.conv2d_weight(
+        x.square(), shape, s_out, list(stride), list(padding), list(dilation), groups
+    )
+
+
+def curv_backward_linear(s_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """S_in = s_out · W² (per sample (W²)ᵀ S_out): shape (..., in)."""
+    check_curv_backward_linear(s_out, weight)
+    return s_out @ weight.square()
+
+
+def curv_backward_conv2d(s_out, weight, input_size, stride, padding, dilation, groups):
+    """S_in: the input gradient of conv2d with weight W² and output gradient s_out, shape
+    (N, C, H, W) for input_size (H, W)."""
+    check_curv_backward_conv2d(s_out, weight, input_size, stride, padding, dilation, groups)
+    shape = (s_out.shape[0], weight.shape[1] * groups, *input_size)
+    return torch.nn.grad.conv2d_input(
+        shape, weight.square(), s_out, list(stride), list(padding), list(dilation), groups
+    )

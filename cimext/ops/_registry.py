@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-OPS = ("noise", "perturbed_linear", "perturbed_conv2d", "sign_step_")
+OPS = ("noise", "perturbed_linear", "perturbed_conv2d", "sign_step_", "bitflip", "bitflip_")
 
 try:
     from .. import _C  # noqa: F401  (loads the library: runs TORCH_LIBRARY registrations)

@@ -4,6 +4,8 @@
 // With -DCIMEXT_HOST_SELFTEST it also becomes a host program that checks noise_group (the grouped
 // normals the kernels use) against noise_at for every noise kind, and the sign_step element
 // function on its edge cases (sign(0), NaN, the clamp); it needs no GPU.
+#include "bitflip_cuda.cuh"
+#include "hdiag_cuda.cuh"
 #include "noise_cuda.cuh"
 #include "sign_step_cuda.cuh"
 
@@ -26,6 +28,28 @@ CIMEXT_INSTANTIATE(double)
 CIMEXT_INSTANTIATE(__half)
 CIMEXT_INSTANTIATE(__nv_bfloat16)
 #undef CIMEXT_INSTANTIATE
+
+// The curvature ops (hdiag_cuda.cuh) take float32 and float64 only.
+#define CIMEXT_INSTANTIATE_HDIAG(T)                                                               \
+  template cudaError_t launch_hdiag_linear<T>(const T*, const T*, int64_t, int64_t, int64_t, T*,  \
+                                              cudaStream_t);                                      \
+  template cudaError_t launch_curv_backward_linear<T>(const T*, const T*, int64_t, int64_t,      \
+                                                      int64_t, T*, cudaStream_t);                 \
+  template cudaError_t launch_hdiag_conv2d<T>(const ConvGeom&, const T*, const T*, T*,           \
+                                              cudaStream_t);                                      \
+  template cudaError_t launch_curv_backward_conv2d<T>(const ConvGeom&, const T*, const T*, T*,   \
+                                                      cudaStream_t);
+CIMEXT_INSTANTIATE_HDIAG(float)
+CIMEXT_INSTANTIATE_HDIAG(double)
+#undef CIMEXT_INSTANTIATE_HDIAG
+
+// bitflip works on raw storage: one launcher per element width.
+template cudaError_t launch_bitflip<uint8_t>(const BitflipParams&, uint8_t*, unsigned long long*,
+                                             cudaStream_t);
+template cudaError_t launch_bitflip<uint16_t>(const BitflipParams&, uint16_t*,
+                                              unsigned long long*, cudaStream_t);
+template cudaError_t launch_bitflip<uint32_t>(const BitflipParams&, uint32_t*,
+                                              unsigned long long*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace cimext
