@@ -1,4 +1,4 @@
-"""The ``cimext`` command line. Subcommands: train, bench.
+"""The ``cimext`` command line. Subcommands: demo, train, worst-case, bench.
 
 Every subcommand prints one clear line and exits non-zero on bad input, missing data, an
 unwritable --out or Ctrl-C; results go to --out as JSON (checkpoints are written atomically, so an
@@ -80,20 +80,10 @@ def _train_parser(sub) -> None:
 
 
 def build_model(dataset: str, model: str, quant=None, device_model=None, seed: int = 0):
-    """A fresh model for ``dataset``, converted to CiM layers (the same weights as the plain
-    model, so float training is unaffected unless noise or quantization is on)."""
-    import torch
+    """A fresh model for ``dataset``, converted to CiM layers (see cimext.zoo.build)."""
+    from .zoo import build
 
-    from . import data, models
-    from .nn import convert
-
-    torch.manual_seed(seed)
-    c, h, _ = data.input_shape(dataset)
-    kw = dict(num_classes=data.num_classes(dataset), in_channels=c)
-    if model == "lenet":
-        kw["input_size"] = h
-    net = models.get(model, **kw)
-    return convert(net, device=device_model, quant=quant)
+    return build(dataset, model, quant, device_model, seed)
 
 
 def cmd_train(a) -> int:
@@ -200,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Worst-case analysis and protection of DNNs on compute-in-memory hardware.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from . import demo
+    from .worstcase import cli as worstcase_cli
+
+    demo.add_parser(sub)
     _train_parser(sub)
+    worstcase_cli.add_parser(sub)
     sub.add_parser("bench", help="kernel benchmarks against plain PyTorch", add_help=False)
     if not argv:
         parser.print_help()
@@ -213,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         a = parser.parse_args(argv)
         if a.command == "train":
             return cmd_train(a)
+        if a.command == "demo":
+            return demo.run(a)
+        if a.command == "worst-case":
+            return worstcase_cli.run(a)
         parser.print_help()
         return 2
     except CLIError as e:
@@ -224,11 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print(
-            "cimext: interrupted (finished epochs are checkpointed; rerun to resume)",
+            "cimext: interrupted (no half-written output is left; training resumes from its "
+            "last finished epoch)",
             file=sys.stderr,
         )
         return 130
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run through the imported module so that subcommand modules, which import
+    # cimext.cli.CLIError, raise the class this main() catches (not a __main__ copy).
+    from cimext.cli import main as _main
+
+    raise SystemExit(_main())
