@@ -1,4 +1,4 @@
-"""The ``cimext`` command line. Subcommands: demo, train, worst-case, bench.
+"""The ``cimext`` command line. Subcommands: demo, reproduce, train, worst-case, bench.
 
 Every subcommand prints one clear line and exits non-zero on bad input, missing data, an
 unwritable --out or Ctrl-C; results go to --out as JSON (checkpoints are written atomically, so an
@@ -190,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Worst-case analysis and protection of DNNs on compute-in-memory hardware.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from . import demo
+    from . import demo, reproduce
     from .worstcase import cli as worstcase_cli
 
     demo.add_parser(sub)
+    reproduce.add_parser(sub)
     _train_parser(sub)
     worstcase_cli.add_parser(sub)
     sub.add_parser("bench", help="kernel benchmarks against plain PyTorch", add_help=False)
@@ -210,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(a)
         if a.command == "demo":
             return demo.run(a)
+        if a.command == "reproduce":
+            return reproduce.run(a)
         if a.command == "worst-case":
             return worstcase_cli.run(a)
         parser.print_help()
