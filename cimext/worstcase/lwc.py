@@ -39,8 +39,9 @@ Speed:
 
 - Batches are moved to the model's device once; weights need no gradient (only δ does), and the
   CiM layers run in clean mode, i.e. plain F.linear / F.conv2d on W_used + δ.
-- Warm start: each Adam run starts from the last feasible run's δ (zeros before there is one),
-  with a fresh Adam state, so the runs after the first refine instead of starting over.
+- Warm start: each Adam run after the first starts from the last feasible run's δ (or, while
+  no run was feasible, from the first run's δ clamped into the box), with a fresh Adam state and
+  ``refine_steps`` epochs, so the runs after the first refine instead of starting over.
 - Early stop of an Adam run: when an epoch classified nothing correctly with δ inside the bound,
   or when the epoch objective has not improved by a relative ``rtol`` for ``patience`` epochs.
 - Early stop of the search: once a clamped δ reaches accuracy 0 no c can do better.
@@ -265,7 +266,7 @@ def lwc(
         history: list[dict] = []
         best_u: list[torch.Tensor] | None = None  # the lowest clamped accuracy so far
         best_acc, best_c = math.inf, None
-        warm: list[torch.Tensor] | None = None  # the last feasible run's u
+        warm: list[torch.Tensor] | None = None  # where the next run starts
         largest_feasible = None
         log_lo = math.log(lo_c) if c is None else 0.0
         log_hi = math.log(hi_c) if c is None else 0.0
@@ -300,6 +301,10 @@ def lwc(
                     log_lo = math.log(ck)
                 else:
                     log_hi = math.log(ck)
+                    if warm is None:
+                        # no feasible run yet: continue from this run projected onto the box
+                        # (feasible by construction) instead of from zero
+                        warm = [u.clamp(-th_g, th_g) for u in us]
                 if acc == 0.0:
                     break  # no c can do better than accuracy 0
         finally:
