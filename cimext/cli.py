@@ -1,4 +1,5 @@
-"""The ``cimext`` command line. Subcommands: train, compare, write-verify, bench.
+"""The ``cimext`` command line. Subcommands: demo, worst-case, reproduce, train, compare,
+write-verify, bitflip, bench.
 
 Every subcommand prints one clear line and exits non-zero on bad input, missing data, an
 unwritable --out or Ctrl-C; results go to --out as JSON (checkpoints are written atomically, so an
@@ -83,20 +84,10 @@ def _train_parser(sub) -> None:
 
 
 def build_model(dataset: str, model: str, quant=None, device_model=None, seed: int = 0):
-    """A fresh model for ``dataset``, converted to CiM layers (the same weights as the plain
-    model, so float training is unaffected unless noise or quantization is on)."""
-    import torch
+    """A fresh model for ``dataset``, converted to CiM layers (see cimext.zoo.build)."""
+    from .zoo import build
 
-    from . import data, models
-    from .nn import convert
-
-    torch.manual_seed(seed)
-    c, h, _ = data.input_shape(dataset)
-    kw = dict(num_classes=data.num_classes(dataset), in_channels=c)
-    if model == "lenet":
-        kw["input_size"] = h
-    net = models.get(model, **kw)
-    return convert(net, device=device_model, quant=quant)
+    return build(dataset, model, quant, device_model, seed)
 
 
 def cmd_train(a) -> int:
@@ -209,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Worst-case analysis and protection of DNNs on compute-in-memory hardware.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from . import demo, reproduce
+    from .worstcase import cli as worstcase_cli
+
+    demo.add_parser(sub)
+    reproduce.add_parser(sub)
     _train_parser(sub)
+    worstcase_cli.add_parser(sub)
     from .writeverify.cli import add_parser as _write_verify_parser
 
     _write_verify_parser(sub)
@@ -231,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         a = parser.parse_args(argv)
         if a.command == "train":
             return cmd_train(a)
+        if a.command == "demo":
+            return demo.run(a)
+        if a.command == "reproduce":
+            return reproduce.run(a)
+        if a.command == "worst-case":
+            return worstcase_cli.run(a)
         if a.command == "write-verify":
             from .writeverify.cli import run as cmd_write_verify
 
@@ -252,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print(
-            "cimext: interrupted (finished epochs are checkpointed; rerun to resume)",
+            "cimext: interrupted (no half-written output is left; training resumes from its "
+            "last finished epoch)",
             file=sys.stderr,
         )
         return 130

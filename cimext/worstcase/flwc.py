@@ -17,7 +17,7 @@ import torch
 from .. import ops
 from ..ops._spec import check_nonnegative
 from . import _common as C
-from .lwc import margin_loss
+from .lwc import _auto_kappa, margin_loss
 from .results import WorstCaseResult
 
 
@@ -68,14 +68,16 @@ def flwc(
     eta: float | None = None,
     *,
     steps: int | None = None,
-    kappa: float = 0.0,
+    kappa: float | None = None,
     progress: bool = True,
 ) -> WorstCaseResult:
     """Fast worst-case accuracy of a converted ``model`` under |δ_l| <= th_g·s_l (F-LWC).
 
-    Algorithm 1 of the paper: δ = 0; for ``steps`` epochs (default ceil(th_g / eta), the paper's
-    Ep), for every mini-batch, δ ← clamp(δ − η·sign(∂Σp/∂δ), ±th_g·s_l), with p the LWC margin
-    cost (:func:`margin_loss`, confidence ``kappa``). ``eta`` (default th_g / 10) is a fraction of
+    Algorithm 1 of the paper: δ = 0; for ``steps`` epochs (the paper's Ep; default
+    2·ceil(th_g / eta): the steps to reach the bound from 0, and as many again for weights to turn
+    back), for every mini-batch, δ ← clamp(δ − η·sign(∂Σp/∂δ), ±th_g·s_l), with p the LWC margin
+    cost (:func:`margin_loss`, confidence ``kappa``; default as in :func:`lwc`, half the median
+    clean margin). ``eta`` (default th_g / 10) is a fraction of
     the full scale like th_g and must satisfy 0 < eta <= th_g; larger steps are faster and
     coarser. Stops early once an epoch leaves every sample misclassified by kappa (every later
     step would be zero). Returns a WorstCaseResult (one history entry per epoch).
@@ -84,13 +86,16 @@ def flwc(
     th_g = C.check_positive("th_g", th_g)
     eta = th_g / 10 if eta is None else C.check_positive("eta", eta, upper=th_g, upper_name="th_g")
     if steps is None:
-        steps = max(1, math.ceil(th_g / eta - 1e-9))
+        steps = 2 * max(1, math.ceil(th_g / eta - 1e-9))
     steps = C.check_steps("steps", steps)
-    kappa = check_nonnegative("kappa", kappa)
+    if kappa is not None:
+        kappa = check_nonnegative("kappa", kappa)
 
     t0 = time.perf_counter()
     with C.analysis(model, data, what) as prob:
         warning = C.chance_warning(prob, what)
+        if kappa is None:
+            kappa = _auto_kappa(prob)
         us = prob.zeros()
         cost = _margin_cost(kappa)
         history: list[dict] = []

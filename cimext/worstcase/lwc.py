@@ -39,8 +39,9 @@ Speed:
 
 - Batches are moved to the model's device once; weights need no gradient (only δ does), and the
   CiM layers run in clean mode, i.e. plain F.linear / F.conv2d on W_used + δ.
-- Warm start: each Adam run starts from the last feasible run's δ (zeros before there is one),
-  with a fresh Adam state, so the runs after the first refine instead of starting over.
+- Warm start: each Adam run after the first starts from the last feasible run's δ (or, while
+  no run was feasible, from the first run's δ clamped into the box), with a fresh Adam state and
+  ``refine_steps`` epochs, so the runs after the first refine instead of starting over.
 - Early stop of an Adam run: when an epoch classified nothing correctly with δ inside the bound,
   or when the epoch objective has not improved by a relative ``rtol`` for ``patience`` epochs.
 - Early stop of the search: once a clamped δ reaches accuracy 0 no c can do better.
@@ -99,6 +100,15 @@ def margin_loss(logits: torch.Tensor, targets: torch.Tensor, kappa: float = 0.0)
     return torch.relu(margin(logits, targets) + kappa)
 
 
+@torch.no_grad()
+def _auto_kappa(prob: C.Problem) -> float:
+    """Half the median margin of the samples the unperturbed model classifies correctly."""
+    prob.clear()
+    ms = torch.cat([margin(prob.model(x).float(), y) for x, y in prob.batches])
+    pos = ms[ms > 0]
+    return 0.5 * float(pos.median()) if pos.numel() else 0.0
+
+
 def _excess(us: list[torch.Tensor], th_g: float) -> float:
     """R(u) = Σ max(|u| − th_g, 0): the constraint term of (10) as used here."""
     with torch.no_grad():
@@ -124,18 +134,24 @@ def _adam_run(
     patience: int,
     rtol: float,
     bar,
-) -> tuple[list[torch.Tensor], dict]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor], float, dict]:
     """Minimize Σp + R(u)/c from ``start`` by proximal Adam (an Adam step on the margin term,
-    then the prox of (lr/c)·R); returns the (unclamped) u and the run's statistics."""
+    then the prox of (lr/c)·R).
+
+    After every epoch the clamped iterate is evaluated (one no-grad pass); the run keeps the
+    clamped iterate with the lowest accuracy (Adam's iterates oscillate around the box's
+    corners, so the last one is not the best one). Returns (the last unclamped u, the best
+    clamped u, its accuracy, the run's statistics)."""
     us = [u.detach().clone().requires_grad_(True) for u in start]
     opt = torch.optim.Adam(us, lr=lr)
     n_total = prob.samples
     pull = lr / c
-    best, since_best = math.inf, 0
-    epochs, objective, correct, L = 0, math.inf, n_total, 0.0
+    best_obj, since_best = math.inf, 0
+    best_acc, best_u = math.inf, None
+    epochs, objective, L = 0, math.inf, 0.0
     for epoch in range(steps):
         epochs = epoch + 1
-        sum_p, correct = 0.0, 0
+        sum_p = 0.0
         for x, y in prob.batches:
             prob.set_relative(us)
             out = prob.model(x)
@@ -147,21 +163,24 @@ def _adam_run(
             with torch.no_grad():
                 _prox_(us, th_g, pull)
             sum_p += float(p.detach().sum())
-            correct += int((out.detach().argmax(-1) == y).sum())
         L = prob.max_relative(us)
         objective = sum_p + _excess(us, th_g) / c
+        clamped = [u.detach().clamp(-th_g, th_g) for u in us]
+        acc = prob.correct(clamped) / n_total
+        improved = False
+        if acc < best_acc:
+            best_acc, best_u, improved = acc, clamped, True
         bar.update(1)
-        bar.set_postfix(c=f"{c:.3g}", L=f"{L:.4f}", acc=f"{correct / n_total:.3f}")
-        if correct == 0 and L <= th_g:
+        bar.set_postfix(c=f"{c:.3g}", L=f"{L:.4f}", acc=f"{acc:.3f}", best=f"{best_acc:.3f}")
+        if best_acc == 0.0:
             break  # every sample lost inside the bound: nothing left to find
-        if objective < best * (1 - rtol):
-            best, since_best = objective, 0
-        else:
-            since_best += 1
-            if since_best >= patience:
-                break
-    stats = dict(epochs=epochs, objective=objective, running_accuracy=correct / n_total)
-    return [u.detach() for u in us], stats
+        if objective < best_obj * (1 - rtol):
+            best_obj, improved = objective, True
+        since_best = 0 if improved else since_best + 1
+        if since_best >= patience:
+            break
+    stats = dict(epochs=epochs, objective=objective, last_accuracy_clamped=acc)
+    return [u.detach() for u in us], best_u, best_acc, stats
 
 
 def lwc(
@@ -173,8 +192,9 @@ def lwc(
     lr: float | None = None,
     c: float | None = None,
     c_range: tuple[float, float] = (1e-2, 1e2),
-    search_steps: int = 10,
-    kappa: float = 0.0,
+    search_steps: int = 6,
+    refine_steps: int | None = None,
+    kappa: float | None = None,
     tol: float = 0.02,
     patience: int = 5,
     rtol: float = 1e-3,
@@ -193,13 +213,18 @@ def lwc(
         model: a model converted with cimext.convert (left as it was: mode, δ, grads, train/eval).
         data: iterable of (inputs, labels) batches, evaluated as a whole (read once).
         th_g: the bound, a fraction of each layer's full scale s_l = max|W_used,l|.
-        steps: maximum passes over the data per c value (one Adam step per batch).
-        lr: Adam learning rate in units of s_l (default th_g / 10).
+        steps: maximum passes over the data of the first c value (one Adam step per batch).
+        lr: Adam learning rate in units of s_l (default th_g / 3).
         c: a fixed Lagrange multiplier (skips the search).
         c_range: (low, high) bracket of the search (the edge is near c = 1, where the pull
             lr/c of the penalty matches Adam's step of about lr).
         search_steps: number of c values tried by the binary search.
-        kappa: confidence κ of the margin: a sample counts as lost once misclassified by κ.
+        refine_steps: maximum passes of the later, warm-started c values (default
+            max(2, steps // 5)).
+        kappa: confidence κ of the margin (logit units): a sample counts as lost once
+            misclassified by κ. Default: half the median margin of the correctly classified
+            samples of the unperturbed model, so lost samples are pushed well past the decision
+            boundary and do not drift back while the search works on the rest.
         tol: relative slack of the feasibility test of a c value (the result is clamped).
         patience, rtol: stop an Adam run when its epoch objective has not improved by a factor
             (1 − rtol) for ``patience`` epochs.
@@ -211,8 +236,11 @@ def lwc(
     what = "lwc"
     th_g = C.check_positive("th_g", th_g)
     steps = C.check_steps("steps", steps)
-    lr = th_g / 10 if lr is None else C.check_positive("lr", lr)
-    kappa = check_nonnegative("kappa", kappa)
+    lr = th_g / 3 if lr is None else C.check_positive("lr", lr)
+    if kappa is not None:
+        kappa = check_nonnegative("kappa", kappa)
+    refine_steps = max(2, steps // 5) if refine_steps is None else refine_steps
+    refine_steps = C.check_steps("refine_steps", refine_steps)
     tol = check_nonnegative("tol", tol)
     patience = C.check_steps("patience", patience)
     rtol = check_nonnegative("rtol", rtol)
@@ -230,12 +258,15 @@ def lwc(
     t0 = time.perf_counter()
     with C.analysis(model, data, what) as prob:
         warning = C.chance_warning(prob, what)
+        kappa_given = kappa
+        if kappa is None:
+            kappa = _auto_kappa(prob)
         n_runs = 1 if c is not None else search_steps
-        bar = C.progress_bar(n_runs * steps, progress, what)
+        bar = C.progress_bar(steps + (n_runs - 1) * refine_steps, progress, what)
         history: list[dict] = []
         best_u: list[torch.Tensor] | None = None  # the lowest clamped accuracy so far
         best_acc, best_c = math.inf, None
-        warm: list[torch.Tensor] | None = None  # the last feasible run's u
+        warm: list[torch.Tensor] | None = None  # where the next run starts
         largest_feasible = None
         log_lo = math.log(lo_c) if c is None else 0.0
         log_hi = math.log(hi_c) if c is None else 0.0
@@ -244,11 +275,12 @@ def lwc(
                 ck = c if c is not None else math.exp(0.5 * (log_lo + log_hi))
                 t_run = time.perf_counter()
                 start = warm if warm is not None else prob.zeros()
-                us, stats = _adam_run(prob, start, ck, th_g, lr, steps, kappa, patience, rtol, bar)
+                budget = steps if warm is None else refine_steps
+                us, clamped, acc, stats = _adam_run(
+                    prob, start, ck, th_g, lr, budget, kappa, patience, rtol, bar
+                )
                 L = prob.max_relative(us)
                 feasible = L <= th_g * (1 + tol)
-                clamped = [u.clamp(-th_g, th_g) for u in us]
-                acc = prob.correct(clamped) / prob.samples
                 history.append(
                     dict(
                         step=k,
@@ -269,6 +301,10 @@ def lwc(
                     log_lo = math.log(ck)
                 else:
                     log_hi = math.log(ck)
+                    if warm is None:
+                        # no feasible run yet: continue from this run projected onto the box
+                        # (feasible by construction) instead of from zero
+                        warm = [u.clamp(-th_g, th_g) for u in us]
                 if acc == 0.0:
                     break  # no c can do better than accuracy 0
         finally:
@@ -277,6 +313,7 @@ def lwc(
             steps=steps,
             lr=lr,
             kappa=kappa,
+            kappa_given=kappa_given,
             tol=tol,
             patience=patience,
             rtol=rtol,
@@ -287,6 +324,7 @@ def lwc(
             c_result=best_c,
             runs=len(history),
             epochs=sum(h["epochs"] for h in history),
+            refine_steps=refine_steps,
         )
         return C.make_result(
             prob, "lwc", best_u, th_g, t0, settings, history, warning, accuracy=best_acc

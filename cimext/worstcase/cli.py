@@ -1,0 +1,105 @@
+"""``cimext worst-case``: LWC, F-LWC, weight PGD and Monte Carlo on one trained model, with the
+Table-I terminal table and the report (JSON, δ, figures) in --out."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    from .. import data, models
+    from .report import METHODS
+
+    p = sub.add_parser(
+        "worst-case",
+        help="worst-case accuracy under bounded weight perturbation (LWC, F-LWC, PGD, MC)",
+        description="Find the worst-case accuracy of a trained model whose weights may move by "
+        "up to th_g of each layer's full scale, with LWC, F-LWC and weight PGD, and compare "
+        "with Monte Carlo over write-verified device instances. Writes report.json, the "
+        "per-method perturbations and the paper's figures into --out.",
+    )
+    p.add_argument(
+        "--run",
+        default=None,
+        help="a `cimext train --out` folder to analyze (default: train the dataset's default "
+        "model, or reuse it from the cache)",
+    )
+    p.add_argument("--dataset", default="digits", choices=list(data.DATASETS))
+    p.add_argument("--root", default=None, help="dataset folder (default: the dataset's own)")
+    p.add_argument("--model", default="lenet", choices=list(models.MODELS))
+    p.add_argument("--quant", default="4,4", help="weight[,input] bits of the default model")
+    p.add_argument("--method", default="all", help=f"{', '.join(METHODS)} or all")
+    p.add_argument("--th-g", type=float, default=0.03, help="bound, fraction of full scale")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--mc-n", type=int, default=10_000, help="Monte Carlo instances")
+    p.add_argument("--eta", type=float, default=None, help="F-LWC step (default th_g / 10)")
+    p.add_argument("--no-eta-sweep", action="store_true", help="skip the Fig. 7 eta sweep")
+    p.add_argument("--lwc-steps", type=int, default=None, help="LWC epochs per c value")
+    p.add_argument("--search-steps", type=int, default=None, help="LWC c values tried")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--html", action="store_true", help="also write a self-contained report.html")
+    p.add_argument("--out", default="runs/worst-case")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def load_model(a):
+    """The model named by --run, or the cached default for --dataset/--model/--quant."""
+    from .. import zoo
+    from ..cli import CLIError, _quant
+
+    if a.run is not None:
+        net, record = zoo.load_run(a.run)
+        return net, record, record["dataset"]
+    quant = _quant(a.quant)
+    if a.model != "lenet" or a.dataset not in zoo.RECIPES:
+        raise CLIError(
+            f"no default training recipe for {a.model} on {a.dataset}; train it with "
+            f"`cimext train --dataset {a.dataset} --model {a.model} --out DIR` and pass --run DIR"
+        )
+    if not a.quiet:
+        print(f"model: {a.model} on {a.dataset} (trained on first use, then cached)")
+    net, record = zoo.trained(a.dataset, a.model, quant, root=a.root, progress=not a.quiet)
+    return net, record, a.dataset
+
+
+def run(a) -> int:
+    from .. import data
+    from ..cli import CLIError, _writable_dir
+    from . import report
+
+    try:
+        methods = report.check_methods(a.method)
+    except ValueError as e:
+        raise CLIError(f"--method: {e}") from None
+    if not a.th_g > 0:
+        raise CLIError(f"--th-g must be > 0, got {a.th_g}")
+    if a.eta is not None and not 0 < a.eta <= a.th_g:
+        raise CLIError(f"--eta must be in (0, th_g = {a.th_g}], got {a.eta}")
+    for name in ("batch_size", "mc_n", "lwc_steps", "search_steps"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    out = _writable_dir(a.out)
+    net, record, dataset = load_model(a)
+    loader = data.loader(dataset, a.split, a.batch_size, root=a.root)
+    lwc_kwargs = {}
+    if a.lwc_steps is not None:
+        lwc_kwargs["steps"] = a.lwc_steps
+    if a.search_steps is not None:
+        lwc_kwargs["search_steps"] = a.search_steps
+    rep = report.analyze(
+        net,
+        loader,
+        th_g=a.th_g,
+        methods=methods,
+        mc_n=a.mc_n,
+        seed=a.seed,
+        eta=a.eta,
+        eta_sweep=None if a.no_eta_sweep else (1.0, 0.5, 0.25, 0.1, 0.05),
+        lwc_kwargs=lwc_kwargs,
+        progress=not a.quiet,
+    )
+    extra = dict(model_record=record, dataset=dataset, split=a.split)
+    files = report.write(rep, out, html=a.html, extra=extra)
+    print(rep.format_table())
+    print(f"written: {len(files)} files in {out} (report.json, figures *.png)")
+    return 0
