@@ -83,6 +83,32 @@ def _train_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def load_init(model, path: str, what: str) -> None:
+    """Load the --init weights ``path`` (a safetensors file) into ``model``; a missing file, a
+    bad file or weights of another model raise CLIError naming the file (``what`` names the
+    expected model)."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise CLIError(f"--init {path}: no such file")
+    try:
+        state = load_file(path)
+    except Exception as e:  # safetensors raises its own error type for a bad file
+        raise CLIError(f"--init {path}: not a safetensors file ({e})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"--init {path}: not weights of {what} ({first})") from None
+
+
+def save_weights(model, path) -> None:
+    """Write ``model``'s state dict to ``path`` (safetensors)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
 def build_model(dataset: str, model: str, quant=None, device_model=None, seed: int = 0):
     """A fresh model for ``dataset``, converted to CiM layers (see cimext.zoo.build)."""
     from .zoo import build
@@ -116,21 +142,7 @@ def cmd_train(a) -> int:
     test = data.loader(a.dataset, "test", 1024, root=a.root)
     model = build_model(a.dataset, a.model, quant, dev, a.seed)
     if a.init is not None:
-        from safetensors.torch import load_file
-
-        if not Path(a.init).is_file():
-            raise CLIError(f"--init {a.init}: no such file")
-        try:
-            state = load_file(a.init)
-        except Exception as e:  # safetensors raises its own error type for a bad file
-            raise CLIError(f"--init {a.init}: not a safetensors file ({e})") from None
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise CLIError(
-                f"--init {a.init}: not weights of a {a.model} for {a.dataset} ({first})"
-            ) from None
+        load_init(model, a.init, f"a {a.model} for {a.dataset}")
     t0 = time.perf_counter()
     res = fit(
         model,
@@ -151,12 +163,7 @@ def cmd_train(a) -> int:
     test_acc = accuracy(model, test)
     if not distributed.is_main():
         return 0  # under torchrun rank 0 writes and prints
-    from safetensors.torch import save_file
-
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        str(out / "model.safetensors"),
-    )
+    save_weights(model, out / "model.safetensors")
     record = dict(
         command="train",
         dataset=a.dataset,

@@ -147,7 +147,7 @@ def run(a) -> int:
     import torch
 
     from .. import data
-    from ..cli import CLIError, _writable_dir
+    from ..cli import _writable_dir, load_init, save_weights
     from ..train import fit
     from .study import evaluate, midpoint, midpoint_steps, sweep
 
@@ -161,13 +161,7 @@ def run(a) -> int:
     test = [(x[i : i + b], y[i : i + b]) for i in range(0, len(y), b)]
     model, net, resize = _model(a)
     if a.init is not None:
-        from safetensors.torch import load_file
-
-        try:
-            net.load_state_dict(load_file(a.init))
-        except Exception as e:  # a bad file or weights of another model
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CLIError(f"--init {a.init}: not weights of this {a.model} ({first})") from None
+        load_init(net, a.init, f"this {a.model}")
     else:
         train = data.loader(a.dataset, "train", a.batch_size, root=a.root, seed=a.seed)
         val = data.loader(a.dataset, "val", 1024, root=a.root)
@@ -181,12 +175,7 @@ def run(a) -> int:
             seed=a.seed,
             progress=not a.quiet,
         )
-        from safetensors.torch import save_file
-
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
-            str(out / "model.safetensors"),
-        )
+        save_weights(net, out / "model.safetensors")
     model.eval()
     clean = evaluate(model, test)[0]
     steps = len(ps) + (0 if a.no_midpoint else midpoint_steps(tol=a.tol))

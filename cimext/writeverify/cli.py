@@ -145,7 +145,7 @@ def run(a) -> int:
     import torch
 
     from .. import data
-    from ..cli import CLIError, _writable_dir
+    from ..cli import CLIError, _writable_dir, load_init, save_weights
     from ..train import accuracy, fit
     from .sweep import DEFAULT_FRACTIONS, selective_write_verify
 
@@ -161,13 +161,7 @@ def run(a) -> int:
         raise CLIError(" ".join(str(e).split())) from None
     model = _model(a, device)
     if a.init is not None:
-        from safetensors.torch import load_file
-
-        try:
-            model.load_state_dict(load_file(a.init))
-        except Exception as e:  # a bad file or weights of another model
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CLIError(f"--init {a.init}: not weights of this {a.model} ({first})") from None
+        load_init(model, a.init, f"this {a.model}")
     else:
         fit(
             model,
@@ -179,12 +173,7 @@ def run(a) -> int:
             seed=a.seed,
             progress=not a.quiet,
         )
-        from safetensors.torch import save_file
-
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-            str(out / "model.safetensors"),
-        )
+        save_weights(model, out / "model.safetensors")
     clean_test = accuracy(model, test)
     # Hessian calibration: the first --calib training samples, in fixed order.
     calib_set = data.load(a.dataset, "train", a.root, seed=a.seed)
