@@ -139,6 +139,8 @@ def test_subset_of_methods(model, data):
     r = report.analyze(model, data, methods="pgd", progress=False)
     assert [row["method"] for row in r.table()] == ["clean", "pgd"]
     assert r.monte_carlo is None and r.eta_sweep == [] and r.worst == "pgd"
+    assert report.check_methods("lwc, pgd,lwc") == ("lwc", "pgd")
+    assert report.check_methods("all") == report.METHODS
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--root", default=None, help="dataset folder (default: the dataset's own)")
     p.add_argument("--model", default="lenet", choices=list(models.MODELS))
     p.add_argument("--quant", default="4,4", help="weight[,input] bits of the default model")
-    p.add_argument("--method", default="all", help=f"{', '.join(METHODS)} or all")
+    p.add_argument(
+        "--method", default="all", help=f"{', '.join(METHODS)}, a comma-separated list, or all"
+    )
     p.add_argument("--th-g", type=float, default=0.03, help="bound, fraction of full scale")
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
     p.add_argument("--batch-size", type=int, default=512)

@@ -129,10 +129,10 @@ def _mean(v: list[float]) -> float | None:
 
 
 def check_methods(methods) -> tuple[str, ...]:
-    """Normalize a method list ("all" or names from METHODS); raises ValueError naming the bad
-    one."""
+    """Normalize a method list ("all", names from METHODS, or one comma-separated string of
+    them); raises ValueError naming the bad one."""
     if isinstance(methods, str):
-        methods = METHODS if methods == "all" else (methods,)
+        methods = METHODS if methods == "all" else [m.strip() for m in methods.split(",")]
     out = []
     for m in methods:
         if m not in METHODS:
