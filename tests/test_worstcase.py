@@ -220,7 +220,9 @@ def test_reproducible(trained, test_data):
     p3 = weight_pgd(model, test_data, eps=0.02, steps=2, seed=2, progress=False)
     assert all(torch.equal(p1.deltas[n], p2.deltas[n]) for n in p1.deltas)
     assert not all(torch.equal(p1.deltas[n], p3.deltas[n]) for n in p1.deltas)
-    assert flwc(model, test_data, 0.02, eta=0.005, progress=False).settings["steps"] == 8  # 2·th/eta
+    assert (
+        flwc(model, test_data, 0.02, eta=0.005, progress=False).settings["steps"] == 8
+    )  # 2·th/eta
 
 
 # ---------------------------------------------------------------------------------- verify
