@@ -164,39 +164,16 @@ def bench_sign_step(model: str = "resnet18", *, min_time: float, rounds: int):
     return _interleaved({"naive": naive, "cimext": fused}, rounds, min_time)
 
 
-def bench_train_step(noise: str, *, min_time: float, rounds: int, batch: int = 128):
-    """One optimizer step of LeNet (28x28) as a plain model and as a converted model under
-    cimext.sampling (fresh device noise every forward, as VA / TRICE training does)."""
-    import copy
-
-    from . import models
-    from .nn import convert, sampling
-
-    torch.manual_seed(0)
-    plain = models.lenet().to(DEVICE)
-    conv = convert(copy.deepcopy(plain))
-    x = torch.randn(batch, 1, 28, 28, device=DEVICE)
-    y = torch.randint(0, 10, (batch,), device=DEVICE)
-    opts = {id(m): torch.optim.SGD(m.parameters(), lr=1e-3) for m in (plain, conv)}
-    params = {"rcg": dict(sigma=0.1, th=1.0)}.get(noise, {})
-
-    def step(m):
-        opt = opts[id(m)]
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(m(x), y).backward()
-        opt.step()
-
-    def noisy():
-        with sampling(conv, noise=noise, **params):
-            step(conv)
-
-    return _interleaved({"clean": lambda: step(plain), "cimext": noisy}, rounds, min_time)
+# Training-step cases: case-name suffix -> method of cimext.train (device / rcg noise are the
+# va / trice steps; adv / atrice add the sign-step perturbation search).
+TRAIN_STEP_CASES = {"device": "va", "rcg": "trice", "adv": "adv", "atrice": "atrice"}
 
 
-def bench_method_step(method: str, *, min_time: float, rounds: int, batch: int = 128):
-    """One optimizer step of LeNet (28x28) with a worst-case-aware training method ("adv",
-    "atrice" with alpha = 0.5: sign-step perturbation search + adversarial pass + RCG noise pass)
-    on the converted model, against a vanilla step of the plain model."""
+def bench_train_step(method: str, *, min_time: float, rounds: int, batch: int = 128):
+    """One optimizer step of LeNet (28x28) with training ``method`` on the converted model
+    ("va": fresh device noise every forward, "trice": RCG noise σ_t = 0.1, th = 1, "adv" /
+    "atrice" with α = 0.5: sign-step perturbation search, adversarial pass and, for atrice, an
+    RCG noise pass), against a vanilla step of the plain model."""
     import copy
 
     from . import models
@@ -283,20 +260,11 @@ def run(
                 conv_flops * S,
             )
         )
-    for noise in ("device", "rcg"):
+    for suffix, method in TRAIN_STEP_CASES.items():
         cases.append(
             (
-                f"train step lenet b=128 {noise}",
-                lambda nz=noise: bench_train_step(nz, min_time=min_time, rounds=rounds),
-                "ratio",
-                0.0,
-            )
-        )
-    for method in ("adv", "atrice"):
-        cases.append(
-            (
-                f"train step lenet b=128 {method}",
-                lambda m=method: bench_method_step(m, min_time=min_time, rounds=rounds),
+                f"train step lenet b=128 {suffix}",
+                lambda m=method: bench_train_step(m, min_time=min_time, rounds=rounds),
                 "ratio",
                 0.0,
             )
