@@ -109,17 +109,10 @@ def save_weights(model, path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-def build_model(dataset: str, model: str, quant=None, device_model=None, seed: int = 0):
-    """A fresh model for ``dataset``, converted to CiM layers (see cimext.zoo.build)."""
-    from .zoo import build
-
-    return build(dataset, model, quant, device_model, seed)
-
-
 def cmd_train(a) -> int:
     import torch
 
-    from . import data, distributed
+    from . import data, distributed, zoo
     from .device import DeviceModel
     from .train import METHODS, accuracy, fit
     from .train.compare import method_kwargs
@@ -140,7 +133,7 @@ def cmd_train(a) -> int:
     train = data.loader(a.dataset, "train", a.batch_size, root=a.root, seed=a.seed)
     val = data.loader(a.dataset, "val", 1024, root=a.root)
     test = data.loader(a.dataset, "test", 1024, root=a.root)
-    model = build_model(a.dataset, a.model, quant, dev, a.seed)
+    model = zoo.build(a.dataset, a.model, quant, dev, a.seed)
     if a.init is not None:
         load_init(model, a.init, f"a {a.model} for {a.dataset}")
     t0 = time.perf_counter()

@@ -270,9 +270,10 @@ def run(a: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from .. import distributed
-    from ..cli import CLIError, _quant, _writable_dir, build_model
+    from ..cli import CLIError, _quant, _writable_dir
     from ..device import DeviceModel
     from ..worstcase import lwc
+    from ..zoo import build as build_model
     from .fit import accuracy, fit
 
     methods, th_gs, main, seeds = _check(a)
