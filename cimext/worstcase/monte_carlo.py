@@ -212,10 +212,11 @@ def monte_carlo(
 
     On the CPU each chunk builds every layer's W + δ + ΔW once (O(parameters) per instance, in
     storage reused from chunk to chunk) and runs the data through plain GEMMs and convolutions;
-    ``fused=True`` (the default on a GPU) calls the fused ops instead, which regenerate ΔW per
-    batch and store no weights. Memory stays bounded whatever ``n``: one chunk's weights (CPU) and
-    activations. ``start`` offsets the instance indices (a shard of a larger run);
-    ``clean_accuracy=False`` skips the clean pass (the result's clean_accuracy is then NaN).
+    ``fused=True`` (the default on a GPU, and for weights over WEIGHT_BUDGET bytes) calls the
+    fused ops instead, which regenerate ΔW per batch and store no weights. Memory stays bounded
+    whatever ``n``: one chunk's weights (CPU) and activations. ``start`` offsets the instance
+    indices (a shard of a larger run); ``clean_accuracy=False`` skips the clean pass (the
+    result's clean_accuracy is then NaN).
     Under torchrun (a torch.distributed process group of more than one process) every rank must
     call it with the same arguments; each rank computes a contiguous block of the instances and
     every rank gets the full result. Returns a MonteCarloResult.
@@ -245,9 +246,11 @@ def monte_carlo(
     if samples == 0:
         raise ValueError("monte_carlo: the data yielded no samples")
     largest = max(int(y.numel()) for _, y in batches)
-    if fused is None:
-        fused = p.device.type != "cpu"
     weight_bytes = sum(m.weight.numel() * m.weight.element_size() for _, m in cim_layers(model))
+    if fused is None:
+        # The fused ops store no weights: on a GPU they win, and a model whose weights exceed
+        # the budget would not fit one instance's copy.
+        fused = p.device.type != "cpu" or weight_bytes > WEIGHT_BUDGET
     rank, world = distributed.rank(), distributed.world_size()
     mine = _shard(n, rank, world)
     key = _tune_key(model, batches, fused)
