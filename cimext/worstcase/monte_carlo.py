@@ -280,7 +280,9 @@ def monte_carlo(
                 seeds = instance_seeds(seed, min(k, mine.stop - c0), start + c0)
                 t_chunk = time.perf_counter()
                 hits = torch.zeros(len(seeds), dtype=torch.int64, device=p.device)
-                ctx = instance(model, seeds=seeds, reuse_weights=not fused, _buffers=buffers)
+                # One instance: the plain instance mode (no stacking of per-instance outputs).
+                which = dict(seed=seeds[0]) if len(seeds) == 1 else dict(seeds=seeds)
+                ctx = instance(model, **which, reuse_weights=not fused, _buffers=buffers)
                 with ctx:
                     for x, y in batches:
                         pred = unfold(model(x), len(seeds)).argmax(-1)
