@@ -17,7 +17,8 @@ clean forward: per pass over the data):
 ``x clean`` is each row's time over the clean forward's, ``x loop`` over the plain loop's;
 ``peak MB`` is the peak memory of one call above the memory in use when it started
 (cimext.bench.peak_memory). ``--memory`` runs monte_carlo of ResNet-18 (width 64, 8 images) with
-n = 4 and n = 1,000 each in a fresh process and prints the peak resident memory of each call.
+n = 4 and n = 1,000 at 4 instances per forward, and n = 1,000 with the default (tuned), each in a
+fresh process, and prints the peak memory of each call (k: instances per forward).
 """
 
 from __future__ import annotations
@@ -149,21 +150,23 @@ import bench_monte_carlo as M
 from cimext import bench as B
 _, conv, batches = M.setup("resnet18", images=8, batch=8)
 M.monte_carlo(conv, batches, M.DEVICE_MODEL, 2, progress=False)  # warm-up: lazy inits
-res, peak = B.peak_memory(lambda: M.monte_carlo(conv, batches, M.DEVICE_MODEL, {n}, progress=False))
+kw = dict(instances_per_call={k}, progress=False)
+res, peak = B.peak_memory(lambda: M.monte_carlo(conv, batches, M.DEVICE_MODEL, {n}, **kw))
 print(json.dumps(dict(n={n}, peak_mb=peak, seconds=res.seconds,
                       instances_per_call=res.settings["instances_per_call"])))
 """
 
 
-def bench_memory(ns=(4, 1000)) -> list[dict]:
-    """Peak memory of monte_carlo on ResNet-18 (width 64, 8 images) for each n, each in a fresh
-    process so that nothing an earlier run left resident hides an allocation."""
+def bench_memory(runs=((4, 4), (1000, 4), (1000, None))) -> list[dict]:
+    """Peak memory of monte_carlo on ResNet-18 (width 64, 8 images) for each (n, instances per
+    forward; None: the default, tuned), each in a fresh process so that nothing an earlier run
+    left resident hides an allocation."""
     import os
 
     rows = []
     here = os.path.dirname(os.path.abspath(__file__))
-    for n in ns:
-        code = MEMORY_SNIPPET.format(bench=here, n=n)
+    for n, k in runs:
+        code = MEMORY_SNIPPET.format(bench=here, n=n, k=k)
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         )
@@ -199,9 +202,13 @@ def main(argv=None) -> int:
     out: dict = dict(torch=torch.__version__, threads=torch.get_num_threads())
     if a.memory:
         mem = bench_memory()
-        print(f"{'monte_carlo resnet18 8 images':32} {'n':>6} {'peak MB':>8} {'seconds':>8}")
+        head = f"{'monte_carlo resnet18 8 images':30} {'n':>6} {'k':>3} {'peak MB':>8}"
+        print(head + f" {'seconds':>8}")
         for r in mem:
-            print(f"{'':32} {r['n']:>6} {B.format_mb(r['peak_mb']):>8} {r['seconds']:>8.1f}")
+            print(
+                f"{'':30} {r['n']:>6} {r['instances_per_call']:>3} "
+                f"{B.format_mb(r['peak_mb']):>8} {r['seconds']:>8.1f}"
+            )
         out["memory"] = mem
     else:
         rows = []

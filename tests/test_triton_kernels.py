@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 
 from cimext import reference as R  # noqa: E402
-from triton_kernels.noise import noise  # noqa: E402
+from triton_kernels.noise import noise, noise_out  # noqa: E402
 from triton_kernels.perturbed_conv2d import perturbed_conv2d  # noqa: E402
 from triton_kernels.perturbed_linear import perturbed_linear  # noqa: E402
 from triton_kernels.philox import fill_normals, fill_uniforms  # noqa: E402
@@ -400,3 +400,27 @@ def test_seed_chunking(monkeypatch):
     wc = torch.randn(4, 2, 3, 3, generator=gen)
     out, ref = run_conv(x, wc, None, None, ([1, 1], [0, 0], [1, 1], 2), True, seeds, "gaussian")
     assert_rel(out, ref, 1e-4)
+
+
+def test_noise_out_launcher_writes_into_out_and_checks_it_first():
+    w = torch.randn(5, 7, device=DEV)
+    args = (seed_t([3, 4]), 2, *noise_args(2, None, spec_of({})), None)
+    want = noise(w, *args)
+    out = torch.full((7, 5, 2), float("nan"), device=DEV).permute(2, 1, 0)  # strided (2, 5, 7)
+    noise_out(w, *args, out)
+    assert torch.equal(out, want)
+    bad = [
+        (torch.zeros(3, 5, 7, device=DEV), ValueError, "shape"),
+        (torch.zeros(2, 5, 7, device=DEV, dtype=torch.float64), TypeError, "dtype"),
+        (torch.zeros(2, 5, 7, device="meta"), ValueError, "out is on"),
+    ]
+    for o, exc, match in bad:
+        before = o.clone() if o.device.type != "meta" else None
+        with pytest.raises(exc, match=match):
+            noise_out(w, *args, o)
+        if before is not None:
+            assert torch.equal(o, before)
+    with pytest.raises(ValueError, match="overlap"):
+        noise_out(w, seed_t([1]), *args[1:], w.unsqueeze(0))
+    with pytest.raises(TypeError, match="seeds must be an int64 tensor"):
+        noise(w, torch.tensor([1], dtype=torch.int32), *args[1:])
