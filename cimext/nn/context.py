@@ -11,6 +11,12 @@ instance 7 on W + δ. The modes (DESIGN section 6):
   layers work unchanged on the folded batch; :func:`cimext.nn.unfold` gives (S, B, ...).
 - sampling(noise=...): fresh noise every forward (training); one seed per forward of the model,
   shared by its layers (layer_id separates their streams), gradients with the noise held fixed.
+
+Both instance modes, on the CPU with no gradient to compute, build each layer's W + δ + ΔW once
+per context and reuse it for every batch (see :func:`instance`). Every mode works under
+``torch.compile(model, fullgraph=True)``: seeds reach the ops as tensors (a new seed does not
+recompile), and a compiled sampling forward takes its seed from tensor state rather than a
+generator call (see :class:`cimext.nn.ForwardState`).
 """
 
 from __future__ import annotations
