@@ -1,6 +1,7 @@
 """Monte Carlo cost per device instance against one clean forward pass and a plain PyTorch loop.
 
     python bench/bench_monte_carlo.py                  # LeNet and ResNet-18 (~10 min on 2 cores)
+    python bench/bench_monte_carlo.py --model lenet --sweep none --rounds 5   # headline only
     python bench/bench_monte_carlo.py --model lenet --quick
     python bench/bench_monte_carlo.py --memory         # peak memory, n = 4 vs n = 1,000
 
@@ -194,7 +195,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=sorted(CASES), action="append", help="default: both")
     ap.add_argument("--quick", action="store_true", help="2,048 LeNet images, fewer rounds")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
-    ap.add_argument("--sweep", default=None, help="instances per forward to time, e.g. 1,2,4")
+    ap.add_argument(
+        "--sweep", default=None, help="instances per forward to time, e.g. 1,2,4 (none: no sweep)"
+    )
     ap.add_argument("--memory", action="store_true", help="only the n = 4 vs 1,000 memory check")
     ap.add_argument("--json", default=None, help="also write the rows here")
     a = ap.parse_args(argv)
@@ -213,7 +216,10 @@ def main(argv=None) -> int:
     else:
         rows = []
         for model in a.model or ["lenet", "resnet18"]:
-            sweep = SWEEP[model] if a.sweep is None else tuple(int(k) for k in a.sweep.split(","))
+            if a.sweep is None:
+                sweep = SWEEP[model]
+            else:  # "none": only the clean pass, the plain loop and the default
+                sweep = tuple(int(k) for k in a.sweep.split(",") if k not in ("", "none"))
             rounds = a.rounds or (2 if a.quick else 3)
             rows += bench_case(model, quick=a.quick, sweep=sweep, rounds=rounds)
             print(format_rows([r for r in rows if r["case"].startswith(model)]), flush=True)

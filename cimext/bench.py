@@ -147,13 +147,16 @@ def _interleaved(fns: dict[str, Callable[[], object]], rounds: int, min_time: fl
 
 def interleaved_calls(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, Timing]:
     """For long calls (seconds): one warm-up call of each function (its peak memory measured),
-    then ``rounds`` rounds of one call each, alternating; median and min / max of the rounds."""
+    then ``rounds`` rounds of one call each, alternating, each round starting one function later
+    (so that no function always runs first or after the same one); median and min / max."""
     peaks = {}
     for name, fn in fns.items():
         _, peaks[name] = peak_memory(lambda fn=fn: (fn(), _sync()))
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             _sync()
