@@ -107,9 +107,12 @@ def bench_case(model_name: str, *, quick: bool, sweep: tuple[int, ...], rounds: 
         settings.update(mc().settings)
 
     # The default measures instances per forward on the first chunks of a long enough run and
-    # remembers the choice: one such run on one batch stands in for a user's first long run.
+    # remembers the choice: one such run on part of the data (up to 1,024 samples, at most half)
+    # stands in for a user's first long run.
+    samples = sum(len(yb) for _, yb in batches)
+    prime = batches[: max(1, min(1024, samples // 2) // len(batches[0][1]))]
     n_tune = sum(MC.TUNE_CANDIDATES)
-    tuned = monte_carlo(conv, batches[:1], DEVICE_MODEL, n_tune, progress=False).settings["tuned"]
+    tuned = monte_carlo(conv, prime, DEVICE_MODEL, n_tune, progress=False).settings["tuned"]
 
     fns = {
         "clean forward": clean,
