@@ -510,3 +510,16 @@ def test_reused_weights_are_built_once_and_rebuilt_on_change(monkeypatch):
     assert not calls and m[0].weight.grad is not None
     with pytest.raises(TypeError, match="reuse_weights"):
         cimext.instance(m, 1, reuse_weights="yes")
+
+
+def test_converted_models_keep_module_methods():
+    # The CiM layers add methods; none may shadow nn.Module's (.double() / .to() use _apply).
+    from cimext.nn.layers import _CiMMixin
+
+    m = _convnet().double()
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    m.to(torch.float32)
+    with torch.no_grad(), cimext.instance(m, 3):
+        assert m(torch.randn(2, 2, 5, 5)).dtype == torch.float32
+    own = {n for c in (CiMLinear, CiMConv2d, _CiMMixin) for n in vars(c) if not n.startswith("__")}
+    assert own & set(vars(nn.Module)) == {"forward", "extra_repr"}

@@ -158,8 +158,8 @@ class _CiMMixin:
         if mode.cache and self._reuses_weights(x, w, delta):
             weights = self._instance_weights(mode, w, kw)
             if mode.kind == "instance":
-                return self._apply(x, weights[0], extra)
-            y = self._apply_stacked(x, weights, folded, extra)
+                return self._one_instance(x, weights[0], extra)
+            y = self._stacked_forward(x, weights, folded, extra)
             return y.reshape(-1, *y.shape[2:])
         if mode.kind == "instance":
             return self._perturbed(x, w, seed=mode.seeds, **extra, **kw)
@@ -216,11 +216,11 @@ class _CiMMixin:
         state.weights[id(self)] = (key, buf)
         return buf
 
-    def _apply_stacked(self, x: torch.Tensor, weights: torch.Tensor, folded: bool, extra):
+    def _stacked_forward(self, x: torch.Tensor, weights: torch.Tensor, folded: bool, extra):
         """(S, B, ...) outputs of the S instances: x is (S*B, ...) when folded, else shared."""
         S = weights.shape[0]
         xs = x.reshape(S, x.shape[0] // S, *x.shape[1:]) if folded else None
-        return self._apply_each(x, xs, weights, extra)
+        return self._each_instance(x, xs, weights, extra)
 
 
 class CiMLinear(_CiMMixin, nn.Linear):
@@ -253,14 +253,14 @@ class CiMLinear(_CiMMixin, nn.Linear):
     def _perturbed(self, x, w, **kw):
         return ops.perturbed_linear(x, w, self.bias, **kw)
 
-    def _apply(self, x, w, extra):
+    def _one_instance(self, x, w, extra):
         # As the fused CPU kernel computes each instance: one addmm (mm without bias) on the
         # input flattened to 2-D, whatever its leading dimensions.
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.mm(x2, w.t()) if self.bias is None else torch.addmm(self.bias, x2, w.t())
         return y.reshape(*x.shape[:-1], w.shape[0])
 
-    def _apply_each(self, x, xs, weights, extra):
+    def _each_instance(self, x, xs, weights, extra):
         S, out_f = weights.shape[0], weights.shape[1]
         lead = x.shape[:-1] if xs is None else xs.shape[1:-1]
         y = x.new_empty((S, math.prod(lead), out_f))
@@ -352,12 +352,12 @@ class CiMConv2d(_CiMMixin, nn.Conv2d):
         # The call the fused CPU kernel makes for each instance.
         return F.conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
 
-    def _apply(self, x, w, extra):
+    def _one_instance(self, x, w, extra):
         unbatched = x.dim() == 3
         y = self._conv(x.unsqueeze(0) if unbatched else x, w, extra["padding"])
         return y.squeeze(0) if unbatched else y
 
-    def _apply_each(self, x, xs, weights, extra):
+    def _each_instance(self, x, xs, weights, extra):
         p = extra["padding"]
         outs = [self._conv(x if xs is None else xs[s], w, p) for s, w in enumerate(weights)]
         return torch.stack(outs)
