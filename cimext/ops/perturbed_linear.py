@@ -29,7 +29,10 @@ def perturbed_linear(
     """linear(x, W + δ + ΔW) + b for one device instance, or (S, ..., out) for ``seeds``.
 
     ``device`` (DeviceModel), ``rcg`` ((sigma_t, th)) or ``gaussian`` (sigma) picks the noise;
-    none of them means δ only. ``x_stacked``: x is (S, ..., in), one slice per seed.
+    none of them means δ only. ``seed`` is an int in [0, 2**64) or a one-element integer tensor,
+    ``seeds`` a sequence of such ints or an int64 tensor of seed bit patterns (tensors pass
+    into a compiled graph as data: no recompilation per seed). ``scale`` is the full scale s_l
+    (None: max|W|, computed inside the op). ``x_stacked``: x is (S, ..., in), one slice per seed.
     """
     stacked, tail = _spec.prepare_call(
         x,
