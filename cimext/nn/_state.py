@@ -96,12 +96,11 @@ class ForwardState:
     def finish(self) -> None:
         """Leave the context: advance the generator past the compiled forwards' seeds."""
         if self.sampling:
-            count = int(self.compiled_t)
-            if count:
-                gen = self.generator
-                dev = gen.device if gen is not None else "cpu"
-                torch.randint(0, 2**32, (2 * count,), generator=gen, device=dev)
-                self.compiled_t.zero_()
+            # One draw per compiled forward, exactly as eager forwards draw (a GPU generator's
+            # offset advances per call, not per value).
+            for _ in range(int(self.compiled_t)):
+                draw_seed_tensor(self.generator)
+            self.compiled_t.zero_()
 
     @property
     def seed(self) -> int | None:
