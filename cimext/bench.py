@@ -210,7 +210,7 @@ def bench_noise(n: int, *, min_time: float, rounds: int):
     """n normals: torch.randn, ops.gaussian_noise into a fresh tensor, and into a reused one
     (out=: no page faults of a fresh allocation, which dominate at tens of MB)."""
     w = torch.ones(n, device=DEVICE)
-    buf = torch.empty(n, device=DEVICE)
+    buf = torch.zeros(n, device=DEVICE)  # touched: resident before any timed call
 
     def randn():
         torch.randn(n, device=DEVICE)

@@ -523,3 +523,12 @@ def test_converted_models_keep_module_methods():
         assert m(torch.randn(2, 2, 5, 5)).dtype == torch.float32
     own = {n for c in (CiMLinear, CiMConv2d, _CiMMixin) for n in vars(c) if not n.startswith("__")}
     assert own & set(vars(nn.Module)) == {"forward", "extra_repr"}
+
+
+def test_instance_modes_under_inference_mode():
+    m = _convnet((4, 4))
+    x = torch.randn(3, 2, 5, 5)
+    with torch.no_grad(), cimext.instance(m, seeds=[1, 2]):
+        want = m(x)
+    with torch.inference_mode(), cimext.instance(m, seeds=[1, 2]):
+        assert torch.equal(m(x), want)

@@ -307,3 +307,15 @@ def test_seeds_as_tensor_and_scale_from_the_op():
     with pytest.raises(RuntimeError, match="seeds must be an int64 tensor"):
         seeds = torch.tensor([1], dtype=torch.int32)
         torch.ops.cimext.noise(w, seeds, 0, 2, None, 8, 2, 0.1, [], 0.0, 0.0, False, None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_out_in_inference_mode(backend):
+    # A normal weight and an out made in inference mode (an inference tensor): allowed there.
+    w = torch.randn(4, 6)
+    with cimext.backend(backend), torch.inference_mode():
+        out = torch.empty(2, 4, 6)
+        ops.noise(w, DeviceModel(), seeds=[1, 2], out=out)
+        assert torch.equal(out, ops.noise(w, DeviceModel(), seeds=[1, 2]))
+    with cimext.backend(backend), pytest.raises(RuntimeError, match="inference"):
+        ops.noise(w, DeviceModel(), seeds=[1, 2], out=out)  # outside it: refused

@@ -73,9 +73,16 @@ def check_out(out, weight: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise ValueError(f"out must have shape {tuple(shape)}, got {tuple(out.shape)}")
     if out.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("out requires grad: noise(out=...) does not support autograd")
-    # Memory overlap is a property of real storage: a compiled graph (fake tensors) leaves it to
-    # the kernels' own check.
-    if not torch.compiler.is_compiling() and torch._C._overlaps(out, weight):
+    # Inference tensors and memory overlap are properties of real tensors: a compiled graph
+    # (fake tensors, no inference mode) leaves them to the kernels' own checks.
+    if torch.compiler.is_compiling():
+        return
+    if out.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "out is an inference tensor; writing into it is only allowed inside "
+            "torch.inference_mode()"
+        )
+    if torch._C._overlaps(out, weight):
         raise ValueError("out must not overlap weight")
 
 

@@ -109,15 +109,18 @@ void noise_out_ad_inplace_or_view(c10::DispatchKeySet keys, const at::Tensor& we
           .typed<void(const at::Tensor&, const at::Tensor&, int64_t, int64_t,
                       std::optional<double>, int64_t, int64_t, double, at::ArrayRef<double>,
                       double, double, bool, const std::optional<at::Tensor>&, at::Tensor)>();
-  TORCH_CHECK(!out.is_inference(), "noise: out is an inference tensor; writing into it is only "
-              "allowed inside torch.inference_mode()");
+  // An inference tensor has no version counter: it may only be written inside inference mode
+  // (where a normal weight still brings this kernel into the dispatch), as ATen's ops allow.
+  const bool inference = out.is_inference();
+  TORCH_CHECK(!inference || c10::InferenceMode::is_enabled(), "noise: out is an inference tensor; "
+              "writing into it is only allowed inside torch.inference_mode()");
   {
     at::AutoDispatchBelowADInplaceOrView below;
     op.redispatch(keys & c10::after_ADInplaceOrView_keyset, weight, seeds, layer_id, mode, scale,
                   weight_bits, bits_per_device, sigma, level_sigma, verified_sigma, th, verify,
                   verify_mask, out);
   }
-  torch::autograd::impl::bump_version(out);
+  if (!inference) torch::autograd::impl::bump_version(out);
 }
 
 int64_t set_cpu_simd(int64_t level) { return set_simd_level(level); }
