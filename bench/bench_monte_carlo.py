@@ -83,7 +83,8 @@ def setup(model_name: str, images: int | None = None, batch: int = 256):
 
 
 def bench_case(model_name: str, *, quick: bool, sweep: tuple[int, ...], rounds: int) -> list[dict]:
-    plain, conv, batches = setup(model_name, images=(2048 if quick else None))
+    quick_images = {"lenet": 2048, "resnet18": 256}
+    plain, conv, batches = setup(model_name, images=quick_images[model_name] if quick else None)
     n = CASES[model_name][3]
     layers = [m for m in plain.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     originals = [m.weight.detach().clone() for m in layers]
@@ -196,7 +197,9 @@ def format_rows(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(CASES), action="append", help="default: both")
-    ap.add_argument("--quick", action="store_true", help="2,048 LeNet images, fewer rounds")
+    ap.add_argument(
+        "--quick", action="store_true", help="2,048 LeNet / 256 ResNet images, fewer rounds"
+    )
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
     ap.add_argument(
         "--sweep", default=None, help="instances per forward to time, e.g. 1,2,4 (none: no sweep)"
