@@ -9,7 +9,8 @@ chunked so memory stays small), and cimext's bitflip (out of place) and bitflip_
 which draw the gaps between flips. GB/s counts the bytes read plus written (2 x 64 MB, in place
 as out of place). "x per-bit" is the per-bit baseline's time over the provider's (the speedup);
 "x clone bw" is torch.clone's time over the provider's, i.e. the provider's bandwidth as a
-fraction of clone's (>= 0.5: at least half of clone's bandwidth).
+fraction of clone's (>= 0.5: at least half of clone's bandwidth). "peak MB": the peak memory of
+one call above the memory in use when it started (cimext.bench.peak_memory).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import torch
 
 from cimext import ops
-from cimext.bench import _interleaved
+from cimext.bench import _interleaved, format_mb
 
 
 def per_bit_baseline(t: torch.Tensor, p: float, chunk: int = 1 << 18) -> torch.Tensor:
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
         f"(expected {32 * n * a.p:.0f}); {torch.get_num_threads()} threads"
     )
     head = f"{'provider':<20}{'median ms':>11}{'p20':>9}{'p80':>9}{'GB/s':>8}"
-    print(head + f"{'x per-bit':>11}{'x clone bw':>12}")
+    print(head + f"{'x per-bit':>11}{'x clone bw':>12}{'peak MB':>9}")
     rows = {}
     for k, v in res.items():
         gbs = 2 * 4 * n / (v.median_ms * 1e-3) / 1e9
@@ -75,10 +76,11 @@ def main(argv=None) -> int:
             gb_per_s=gbs,
             speedup_vs_per_bit=base / v.median_ms,
             bandwidth_vs_clone=clone / v.median_ms,
+            peak_mb=v.peak_mb,
         )
         print(
             f"{k:<20}{v.median_ms:>11.2f}{v.p20_ms:>9.2f}{v.p80_ms:>9.2f}{gbs:>8.2f}"
-            f"{base / v.median_ms:>11.1f}{clone / v.median_ms:>12.2f}"
+            f"{base / v.median_ms:>11.1f}{clone / v.median_ms:>12.2f}{format_mb(v.peak_mb):>9}"
         )
     if a.json:
         with open(a.json, "w") as f:

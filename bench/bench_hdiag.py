@@ -5,7 +5,8 @@
 
 Timings (LeNet 28x28, one batch of 256, interleaved in one process): one forward + backward of
 the model (the baseline), "obd", the exact diagonal GGN (per-sample Jacobians) and Hutchinson with
-10 probes; the x column is each time over the forward + backward. Quality: Spearman rank
+10 probes; the x column is each time over the forward + backward, "peak MB" the peak memory of
+one call above the memory in use when it started (cimext.bench.peak_memory). Quality: Spearman rank
 correlation of "obd" against the exact diagonal GGN, on LeNet trained for a few epochs on digits
 and on the untrained 28x28 LeNet.
 """
@@ -18,6 +19,7 @@ import json
 import torch
 
 from cimext import data, models
+from cimext.bench import format_mb
 from cimext.nn import convert
 from cimext.train import fit
 from cimext.writeverify.bench import _lenet_batch, bench_obd, ggn_agreement
@@ -35,14 +37,14 @@ def main(argv=None) -> int:
     base = t["clean"].median_ms
     names = {"clean": "forward+backward", "cimext": "obd"}
     print(f"LeNet 28x28, batch {a.batch}, {torch.get_num_threads()} threads")
-    print(f"{'provider':<22}{'median ms':>10}{'p20':>9}{'p80':>9}{'x':>8}")
+    print(f"{'provider':<22}{'median ms':>10}{'p20':>9}{'p80':>9}{'x':>8}{'peak MB':>9}")
     rows = {}
     for k, v in t.items():
         name = names.get(k, k)
-        rows[name] = dict(median_ms=v.median_ms, ratio=v.median_ms / base)
+        rows[name] = dict(median_ms=v.median_ms, ratio=v.median_ms / base, peak_mb=v.peak_mb)
         print(
             f"{name:<22}{v.median_ms:>10.2f}{v.p20_ms:>9.2f}{v.p80_ms:>9.2f}"
-            f"{v.median_ms / base:>7.2f}x"
+            f"{v.median_ms / base:>7.2f}x{format_mb(v.peak_mb):>9}"
         )
 
     # Spearman against the exact diagonal GGN.

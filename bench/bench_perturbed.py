@@ -4,6 +4,9 @@
 
 Compare each group's cimext row against its clean (lower bound) and naive rows; `cimext bench`
 prints the same comparison as a table with ratios.
+
+Each case records the peak memory of one call (cimext.bench.peak_memory) as extra_info
+"peak_mb" (in --benchmark-json); `cimext bench` prints it as a table column.
 """
 
 import pytest
@@ -30,6 +33,7 @@ def test_linear(benchmark, case, provider):
         "cimext": lambda: ops.perturbed_linear(x, w, b, gaussian=B.SIGMA, seeds=seeds),
     }
     benchmark(fns[provider])
+    benchmark.extra_info["peak_mb"] = B.peak_memory(fns[provider])[1]
 
 
 @pytest.mark.parametrize("provider", ["clean", "naive", "cimext"])
@@ -42,6 +46,7 @@ def test_conv2d(benchmark, provider):
         "cimext": lambda: ops.perturbed_conv2d(x, w, None, 1, 1, gaussian=B.SIGMA),
     }
     benchmark(fns[provider])
+    benchmark.extra_info["peak_mb"] = B.peak_memory(fns[provider])[1]
 
 
 @pytest.mark.parametrize("provider", ["torch.randn", "cimext"])
@@ -50,3 +55,4 @@ def test_noise(benchmark, provider):
     w = torch.ones(n)
     fns = {"torch.randn": lambda: torch.randn(n), "cimext": lambda: ops.gaussian_noise(w, 1.0, 1)}
     benchmark(fns[provider])
+    benchmark.extra_info["peak_mb"] = B.peak_memory(fns[provider])[1]

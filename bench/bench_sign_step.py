@@ -4,6 +4,9 @@
 
 One F-LWC / weight-PGD step over deltas shaped like every parameter of the model: the fused
 multi-tensor op against the naive per-tensor PyTorch loop.
+
+Each case records the peak memory of one call (cimext.bench.peak_memory) as extra_info
+"peak_mb" (in --benchmark-json); `cimext bench` prints it as a table column.
 """
 
 import pytest
@@ -28,3 +31,4 @@ def test_sign_step(benchmark, model, provider):
 
     fns = {"naive": naive, "cimext": lambda: ops.sign_step_(deltas, grads, eta, bounds)}
     benchmark(fns[provider])
+    benchmark.extra_info["peak_mb"] = B.peak_memory(fns[provider])[1]

@@ -7,6 +7,9 @@ on the converted model VA / TRICE (noise in every forward), adversarial weight t
 A-TRICE (alpha = 0.5: sign-step perturbation search, adversarial pass and RCG noise pass). The
 issue's target: an A-TRICE step costs at most 3.5x a vanilla step; `cimext bench --case atrice`
 prints the ratio measured in one process with interleaved rounds.
+
+Each case records the peak memory of one call (cimext.bench.peak_memory) as extra_info
+"peak_mb" (in --benchmark-json); `cimext bench` prints it as a table column.
 """
 
 import copy
@@ -14,6 +17,7 @@ import copy
 import pytest
 import torch
 
+from cimext import bench as B
 from cimext import models
 from cimext.nn import convert
 from cimext.train import METHODS, StepContext
@@ -42,3 +46,4 @@ def test_train_step(benchmark, method, batch):
         opt.step()
 
     benchmark(step)
+    benchmark.extra_info["peak_mb"] = B.peak_memory(step)[1]

@@ -9,11 +9,12 @@
    literally, c·Σp + (L(ΔW) − th_g) with L = max|ΔW|; the reported δ is that of the largest
    feasible c (clamped to the bound when no c was feasible). Reported: both worst cases and
    the time ratio.
-2. Monte Carlo cost per device instance against one clean forward pass over the same data, for
-   LeNet (28x28) and ResNet-18 (32x32): cimext.worstcase.monte_carlo (many instances per
-   fused-op call) and a Python loop that samples W + ΔW and calls the plain model per instance.
+2. Monte Carlo cost per device instance against one clean forward pass over the same data and a
+   plain per-instance PyTorch loop, for LeNet (28x28) and ResNet-18 (32x32): the cases of
+   bench/bench_monte_carlo.py (run that script for the instances-per-forward sweep alone).
 
-Every ratio compares functions timed in the same process, interleaved.
+Every ratio compares functions timed in the same process, interleaved; ``peak_mb`` is the peak
+memory of one call above the memory in use when it started (cimext.bench.peak_memory).
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ def bench_lwc(quick: bool) -> list[dict]:
     data = list(cimext.data.loader("digits", "test", 512))
     steps = 30
     runs = 4 if quick else 10
-    pub = published_lwc(net, data, 0.03, runs=runs, epochs=steps)
-    ours = lwc(net, data, 0.03, steps=steps, progress=False)
+    pub, pub_mb = B.peak_memory(lambda: published_lwc(net, data, 0.03, runs=runs, epochs=steps))
+    ours, ours_mb = B.peak_memory(lambda: lwc(net, data, 0.03, steps=steps, progress=False))
     return [
         dict(
             case=f"lwc vs published ({runs} runs x {steps} epochs) lenet digits",
@@ -105,6 +106,7 @@ def bench_lwc(quick: bool) -> list[dict]:
             accuracy=pub["accuracy"],
             seconds=pub["seconds"],
             feasible_found=pub["feasible_found"],
+            peak_mb=pub_mb,
         ),
         dict(
             case=f"lwc vs published ({runs} runs x {steps} epochs) lenet digits",
@@ -113,75 +115,22 @@ def bench_lwc(quick: bool) -> list[dict]:
             seconds=ours.seconds,
             time_vs_published=ours.seconds / pub["seconds"],
             epochs=ours.settings["epochs"],
+            peak_mb=ours_mb,
         ),
     ]
 
 
 # ------------------------------------------------------------------------------ Monte Carlo
-def _loop_instances(plain, layers, batches, sigma, seeds):
-    """The usual research script: per instance, W + σ·s·ε materialized in Python, then the plain
-    model over the data (no cimext op)."""
-    for s in seeds:
-        g = torch.Generator().manual_seed(s)
-        saved = []
-        for m in layers:
-            w = m.weight.data
-            saved.append(w.clone())
-            w.add_(torch.randn(w.shape, generator=g) * (sigma * float(w.abs().max())))
-        with torch.no_grad():
-            for x, _ in batches:
-                plain(x)
-        for m, w in zip(layers, saved, strict=True):
-            m.weight.data.copy_(w)
+def bench_mc(quick: bool) -> list[dict]:
+    """The Monte Carlo case of bench/bench_monte_carlo.py (per instance vs the clean pass and the
+    plain loop), in this script's row format."""
+    import bench_monte_carlo as M
 
-
-def bench_mc(model_name: str, quick: bool) -> list[dict]:
-    from cimext.worstcase import monte_carlo
-
-    torch.manual_seed(0)
-    if model_name == "lenet":
-        plain = cimext.models.lenet()
-        x = torch.randn(1024, 1, 28, 28)
-    else:
-        plain = cimext.models.resnet18(num_classes=10)
-        # a data set, not a batch: the noise of an instance is drawn once per layer and batch,
-        # and a real evaluation set (CIFAR-10 test: 10,000 images) amortizes it over many samples
-        x = torch.randn(256 if quick else 512, 3, 32, 32)
-    plain.eval()
-    y = torch.randint(0, 10, (x.shape[0],))
-    batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, x.shape[0], 256)]
-    import copy
-
-    conv = cimext.convert(copy.deepcopy(plain))
-    dev = cimext.DeviceModel(weight_bits=8, bits_per_device=2, sigma=0.1)
-    layers = [m for m in plain.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    n = 16 if model_name == "lenet" else 4
-    seeds = list(range(n))
-
-    def clean():
-        with torch.no_grad():
-            for xb, _ in batches:
-                plain(xb)
-
-    fns = {
-        "clean forward": clean,
-        "python loop": lambda: _loop_instances(plain, layers, batches, 0.1, seeds),
-        "cimext monte_carlo": lambda: monte_carlo(conv, batches, dev, n, progress=False),
-    }
-    min_time, rounds = (1.0, 2) if quick else (3.0, 3)
-    res = B._interleaved(fns, rounds, min_time)
     rows = []
-    base = res["clean forward"].median_ms
-    for name, t in res.items():
-        per = t.median_ms if name == "clean forward" else t.median_ms / n
-        rows.append(
-            dict(
-                case=f"monte carlo {model_name} {x.shape[0]}x{tuple(x.shape[1:])}",
-                provider=name,
-                ms_per_instance=per,
-                vs_clean_forward=per / base,
-            )
-        )
+    for model in ("lenet", "resnet18"):
+        sweep = () if quick else M.SWEEP[model]
+        for r in M.bench_case(model, quick=quick, sweep=sweep, rounds=2 if quick else 3):
+            rows.append(dict(case=f"monte carlo {r.pop('case')}", provider=r.pop("provider"), **r))
     return rows
 
 
@@ -193,8 +142,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     rows = []
     if a.case in (None, "mc"):
-        for m in ("lenet", "resnet18"):
-            rows += bench_mc(m, a.quick)
+        rows += bench_mc(a.quick)
     if a.case in (None, "lwc"):
         rows += bench_lwc(a.quick)
     for r in rows:

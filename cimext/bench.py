@@ -3,7 +3,9 @@
 Run ``cimext bench`` (or ``python -m cimext.bench``); bench/bench_perturbed.py runs the same cases
 under pytest-benchmark. Every row reports the median time, the 20/80 % quantiles and an ``x``
 column: the op's time over the baseline's (``vs clean``: the lower bound, plain F.linear /
-F.conv2d on the unperturbed weight) or the naive PyTorch version's time over the op's (``speedup``).
+F.conv2d on the unperturbed weight) or the naive PyTorch version's time over the op's
+(``speedup``), and the peak memory of one call above the memory in use when it started
+(``peak MB``, see :func:`peak_memory`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
+    # Peak memory of one call above what was in use when it started (see peak_memory), MiB;
+    # None where it cannot be measured.
+    peak_mb: float | None = None
 
 
 DEVICE = torch.device("cpu")
@@ -41,8 +46,67 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _status_kb(field: str) -> int | None:
+    """A field of /proc/self/status in kB (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _trim_heap() -> None:
+    """Hand memory that malloc keeps for reuse back to the system (glibc), so that the next
+    call's allocations show up in the resident set instead of reusing freed pages unseen."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak resident set (VmHWM) to the current one (Linux >= 4.0)."""
+    _trim_heap()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | None = None):
+    """(fn's result, peak MiB): how far memory use rose above its level at the call's start.
+
+    CUDA: torch.cuda.max_memory_allocated (tensors). CPU (Linux): the process's peak resident
+    set (VmHWM, reset before the call, after malloc returned its free memory to the system) over
+    the resident set at the start: every allocation that touched pages, tensors and library
+    scratch alike. None where neither is available."""
+    device = torch.device(device) if device is not None else DEVICE
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = _status_kb("VmRSS")
+    if base is None or not _reset_peak_rss():
+        return fn(), None
+    base = _status_kb("VmRSS")
+    out = fn()
+    peak = _status_kb("VmHWM")
+    return out, None if peak is None else max(0, peak - base) / 1024
+
+
 def measure(fn: Callable[[], object], *, min_time: float = 0.5, min_reps: int = 5) -> Timing:
-    """Median / 20 % / 80 % of repeated calls after one warm-up call."""
+    """Median / 20 % / 80 % of repeated calls after one warm-up call, whose peak memory is
+    measured (peak_memory)."""
     if DEVICE.type == "cuda":
         inner = fn
 
@@ -50,7 +114,7 @@ def measure(fn: Callable[[], object], *, min_time: float = 0.5, min_reps: int = 
             inner()
             torch.cuda.synchronize()
 
-    fn()
+    _, peak = peak_memory(fn)
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < min_reps or time.perf_counter() - start < min_time:
@@ -60,7 +124,7 @@ def measure(fn: Callable[[], object], *, min_time: float = 0.5, min_reps: int = 
         if len(times) >= 200:
             break
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
-    return Timing(statistics.median(times), q[1], q[7])
+    return Timing(statistics.median(times), q[1], q[7], peak)
 
 
 def _interleaved(fns: dict[str, Callable[[], object]], rounds: int, min_time: float) -> dict:
@@ -71,12 +135,33 @@ def _interleaved(fns: dict[str, Callable[[], object]], rounds: int, min_time: fl
             samples[name].append(measure(fn, min_time=min_time / rounds))
     out = {}
     for name, ts in samples.items():
+        peaks = [t.peak_mb for t in ts if t.peak_mb is not None]
         out[name] = Timing(
             statistics.median(t.median_ms for t in ts),
             min(t.p20_ms for t in ts),
             max(t.p80_ms for t in ts),
+            max(peaks) if peaks else None,
         )
     return out
+
+
+def interleaved_calls(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, Timing]:
+    """For long calls (seconds): one warm-up call of each function (its peak memory measured),
+    then ``rounds`` rounds of one call each, alternating, each round starting one function later
+    (so that no function always runs first or after the same one); median and min / max."""
+    peaks = {}
+    for name, fn in fns.items():
+        _, peaks[name] = peak_memory(lambda fn=fn: (fn(), _sync()))
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn = fns[name]
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: Timing(statistics.median(v), min(v), max(v), peaks[k]) for k, v in times.items()}
 
 
 def bench_linear(batch: int, inp: int, out: int, S: int, *, min_time: float, rounds: int):
@@ -122,7 +207,10 @@ def bench_conv(S: int, *, min_time: float, rounds: int):
 
 
 def bench_noise(n: int, *, min_time: float, rounds: int):
+    """n normals: torch.randn, ops.gaussian_noise into a fresh tensor, and into a reused one
+    (out=: no page faults of a fresh allocation, which dominate at tens of MB)."""
     w = torch.ones(n, device=DEVICE)
+    buf = torch.zeros(n, device=DEVICE)  # touched: resident before any timed call
 
     def randn():
         torch.randn(n, device=DEVICE)
@@ -130,7 +218,11 @@ def bench_noise(n: int, *, min_time: float, rounds: int):
     def fused():
         ops.gaussian_noise(w, 1.0, 1, scale=1.0)
 
-    return _interleaved({"torch.randn": randn, "cimext": fused}, rounds, min_time)
+    def fused_out():
+        ops.gaussian_noise(w, 1.0, 1, scale=1.0, out=buf)
+
+    fns = {"torch.randn": randn, "cimext": fused, "cimext out=": fused_out}
+    return _interleaved(fns, rounds, min_time)
 
 
 SIGN_STEP_MODELS = ("lenet", "resnet18")
@@ -223,8 +315,8 @@ def run(
         rows = []
         for name in names:
             for r in run(quick, name, device, only):
-                if r["provider"] == "cimext":
-                    r["provider"] = f"cimext-{name}"
+                if r["provider"].startswith("cimext"):
+                    r["provider"] = f"cimext-{name}" + r["provider"][len("cimext") :]
                     rows.append(r)
                 elif name == names[0]:
                     rows.append(r)
@@ -278,15 +370,15 @@ def run(
             0.0,
         )
     )
-    n_noise = 1 << 22
-    cases.append(
-        (
-            f"noise n={n_noise}",
-            lambda: bench_noise(n_noise, min_time=min_time, rounds=rounds),
-            "noise",
-            float(n_noise),
+    for n_noise in (1 << 22,) if quick else (1 << 22, 1 << 26):
+        cases.append(
+            (
+                f"noise n={n_noise}",
+                lambda n=n_noise: bench_noise(n, min_time=min_time, rounds=rounds),
+                "noise",
+                float(n_noise),
+            )
         )
-    )
     for model in SIGN_STEP_MODELS:
         shapes = sign_step_shapes(model)
         elements = sum(s.numel() for s in shapes)
@@ -308,7 +400,7 @@ def run(
                 row = dict(case=name, provider=provider, **asdict(t))
                 if kind == "noise":
                     row["g_per_s"] = work / (t.median_ms * 1e-3) / 1e9
-                    if provider == "cimext":
+                    if provider.startswith("cimext"):
                         row["speedup_vs_naive"] = res["torch.randn"].median_ms / t.median_ms
                 elif kind == "bytes":
                     row["gb_per_s"] = work / (t.median_ms * 1e-3) / 1e9
@@ -328,7 +420,7 @@ def format_table(rows: list[dict]) -> str:
     """A fixed-width table of the rows from run()."""
     head = (
         f"{'case':40} {'provider':12} {'median ms':>10} {'p20':>8} {'p80':>8} {'rate':>14} "
-        f"{'x':>16}"
+        f"{'x':>16} {'peak MB':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -348,9 +440,14 @@ def format_table(rows: list[dict]) -> str:
             x = (x + "; " if x else "") + f"{r['speedup_vs_naive']:.1f}x faster"
         lines.append(
             f"{r['case']:40} {r['provider']:12} {r['median_ms']:10.3f} {r['p20_ms']:8.3f} "
-            f"{r['p80_ms']:8.3f} {rate:>14} {x:>16}"
+            f"{r['p80_ms']:8.3f} {rate:>14} {x:>16} {format_mb(r.get('peak_mb')):>8}"
         )
     return "\n".join(lines)
+
+
+def format_mb(mb: float | None) -> str:
+    """A peak-memory cell: MiB with one decimal, or "n/a"."""
+    return "n/a" if mb is None else f"{mb:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:

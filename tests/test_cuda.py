@@ -87,5 +87,44 @@ def test_gradcheck_cuda(backend):
 def test_opcheck_cuda():
     x = torch.randn(3, 5, device="cuda", requires_grad=True)
     w = torch.randn(4, 5, device="cuda", requires_grad=True)
-    args = (x, w, None, None, False, [1, -7], 1, 2, 1.5, 8, 2, 0.1, [], 0.01, 0.06, False, None)
+    seeds = torch.tensor([1, -7])
+    args = (x, w, None, None, False, seeds, 1, 2, 1.5, 8, 2, 0.1, [], 0.01, 0.06, False, None)
     torch.library.opcheck(torch.ops.cimext.perturbed_linear.default, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_out_on_cuda(backend):
+    w = torch.randn(7, 97, device="cuda")
+    dev = DeviceModel(level_sigma=(0.5, 1.5, 1.5, 0.5))
+    with cimext.backend(backend):
+        want = ops.noise(w, dev, seeds=[3, 4])
+        out = torch.full((2, 7, 97), float("nan"), device="cuda")
+        assert ops.noise(w, dev, seeds=[3, 4], out=out) is out
+        assert torch.equal(out, want)
+        for bad, exc in (
+            (torch.zeros(2, 7, 97), ValueError),  # on the CPU
+            (torch.zeros(2, 7, 97, device="cuda", dtype=torch.float64), TypeError),
+            (torch.zeros(3, 7, 97, device="cuda"), ValueError),
+        ):
+            with pytest.raises(exc, match="out"):
+                ops.noise(w, dev, seeds=[3, 4], out=bad)
+    # The CUDA op checks out itself (callers may skip the wrapper), before writing.
+    args = (w, torch.tensor([1, 2]), 0, 2, None, 8, 2, 0.1, [], 0.01, 0.06, False, None)
+    bad = torch.zeros(3, 7, 97, device="cuda")
+    with pytest.raises(RuntimeError, match="out must have shape"):
+        torch.ops.cimext.noise_out(*args, bad)
+    assert not bad.any()
+
+
+def test_compiled_model_on_cuda():
+    """torch.compile (inductor) of a converted model on the GPU: instance and sampling."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    m = cimext.convert(net.cuda(), device=DeviceModel())
+    x = torch.randn(5, 16, device="cuda")
+    compiled = torch.compile(m, fullgraph=True)
+    with cimext.instance(m, 3):
+        torch.testing.assert_close(compiled(x), m(x))
+    with cimext.sampling(m):
+        compiled(x).sum().backward()
+        compiled(x).sum().backward()

@@ -1,6 +1,8 @@
 """cimext.worstcase.monte_carlo: per-instance accuracies, reproducibility, agreement with a
 plain per-instance loop, bad input."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -100,3 +102,50 @@ def test_unconverted_model_and_empty_data():
         monte_carlo(cimext.unconvert(net, inplace=False), data, DEV, 2, progress=False)
     with pytest.raises(ValueError, match="no samples"):
         monte_carlo(net, [], DEV, 2, progress=False)
+
+
+def test_tuned_chunking_and_paths_give_the_same_accuracies():
+    mc = importlib.import_module("cimext.worstcase.monte_carlo")
+    net, data = _setup()
+    mc._TUNED.clear()
+    n = sum(mc.TUNE_CANDIDATES) + 3
+    tuned = monte_carlo(net, data, DEV, n, seed=4, progress=False)
+    assert tuned.settings["tuned"] and tuned.settings["instances_per_call"] in mc.TUNE_CANDIDATES
+    again = monte_carlo(net, data, DEV, n, seed=4, progress=False)  # remembered: no tuning
+    assert not again.settings["tuned"]
+    one = monte_carlo(net, data, DEV, n, seed=4, instances_per_call=1, progress=False)
+    fused = monte_carlo(net, data, DEV, n, seed=4, instances_per_call=5, fused=True, progress=False)
+    assert tuned.accuracies == again.accuracies == one.accuracies == fused.accuracies
+    assert not fused.settings["tuned"] and fused.settings["fused"]
+
+
+def test_weight_storage_is_reused_across_chunks(monkeypatch):
+    from cimext.nn._state import ForwardState
+
+    net, data = _setup()
+    storages = {}
+    real = ForwardState.buffer
+
+    def spy(self, key, shape, dtype, device):
+        buf = real(self, key, shape, dtype, device)
+        storages.setdefault(key, set()).add(buf.untyped_storage().data_ptr())
+        return buf
+
+    monkeypatch.setattr(ForwardState, "buffer", spy)
+    monte_carlo(net, data, DEV, 11, instances_per_call=3, progress=False)
+    assert len(storages) == 2 and all(len(v) == 1 for v in storages.values())
+
+
+def test_clean_accuracy_can_be_skipped():
+    import math
+
+    net, data = _setup()
+    res = monte_carlo(net, data, DEV, 2, clean_accuracy=False, progress=False)
+    assert math.isnan(res.clean_accuracy)
+    assert res.accuracies == monte_carlo(net, data, DEV, 2, progress=False).accuracies
+    with pytest.raises(TypeError, match="clean_accuracy"):
+        monte_carlo(net, data, DEV, 2, clean_accuracy=1, progress=False)
+    with pytest.raises(TypeError, match="fused"):
+        monte_carlo(net, data, DEV, 2, fused="no", progress=False)
+    with pytest.raises(ValueError, match="start"):
+        monte_carlo(net, data, DEV, 2, start=-1, progress=False)

@@ -443,3 +443,92 @@ def test_nonnegative_inputs_use_the_unsigned_grid():
     assert len(torch.unique(quantize_ste(x, 4))) <= 8  # symmetric grid: 0..7 only
     xs = torch.randn(1000)
     torch.testing.assert_close(quantize_ste(xs, 4, unsigned_if_nonneg=True), quantize_ste(xs, 4))
+
+
+# ---- instance modes reuse their perturbed weights when no gradient is needed -----------------
+
+
+def _convnet(quant=None):
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding="same", padding_mode="reflect"),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 7),
+        nn.ReLU(),
+        nn.Linear(7, 3, bias=False),
+    )
+    return cimext.convert(net, DeviceModel.verified(0.05), quant=quant).eval()
+
+
+@pytest.mark.parametrize("quant", [None, (4, 4)])
+@pytest.mark.parametrize("seeds", [[2**64 - 3], [5, 6, 7]])
+def test_reused_weights_are_bitwise_the_fused_ops(quant, seeds):
+    m = _convnet(quant)
+    layers = cim_layers(m)
+    layers[0][1].verify_mask = torch.rand_like(layers[0][1].weight) < 0.5
+    layers[2][1].delta = 0.01 * torch.randn_like(layers[2][1].weight)
+    x = torch.randn(6, 2, 5, 5)
+    kw = dict(seed=seeds[0]) if len(seeds) == 1 else dict(seeds=seeds)
+    with torch.no_grad():
+        with cimext.instance(m, reuse_weights=False, **kw):
+            want = [m(x), m(x[:4])]
+        with cimext.instance(m, **kw):
+            got = [m(x), m(x[:4])]
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_reused_weights_are_built_once_and_rebuilt_on_change(monkeypatch):
+    m = _convnet()
+    x = torch.randn(3, 2, 5, 5)
+    calls = []
+    real = ops.noise
+    monkeypatch.setattr(ops, "noise", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = cim_layers(m)[-1][1]
+    with torch.no_grad(), cimext.instance(m, 9):
+        first = m(x)
+        assert len(calls) == 4  # one build per layer
+        assert torch.equal(m(x), first) and len(calls) == 4  # reused
+        layer.weight.mul_(2)  # an in-place change of a weight: that layer is rebuilt
+        changed = m(x)
+        assert len(calls) == 5
+        layer.delta = torch.full_like(layer.weight, 0.1)
+        with_delta = m(x)
+        assert len(calls) == 6
+    with torch.no_grad(), cimext.instance(m, 9, reuse_weights=False):
+        assert torch.equal(m(x), changed)  # the context restored δ on exit
+        layer.delta = torch.full_like(layer.weight, 0.1)
+        assert torch.equal(m(x), with_delta)
+    # A gradient to compute: the fused op (its backward regenerates the noise), no cache.
+    calls.clear()
+    with cimext.instance(m, 9):
+        m(x).sum().backward()
+    assert not calls and m[0].weight.grad is not None
+    with pytest.raises(TypeError, match="reuse_weights"):
+        cimext.instance(m, 1, reuse_weights="yes")
+
+
+def test_converted_models_keep_module_methods():
+    # The CiM layers add methods; none may shadow nn.Module's (.double() / .to() use _apply).
+    from cimext.nn.layers import _CiMMixin
+
+    m = _convnet().double()
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    m.to(torch.float32)
+    with torch.no_grad(), cimext.instance(m, 3):
+        assert m(torch.randn(2, 2, 5, 5)).dtype == torch.float32
+    own = {n for c in (CiMLinear, CiMConv2d, _CiMMixin) for n in vars(c) if not n.startswith("__")}
+    assert own & set(vars(nn.Module)) == {"forward", "extra_repr"}
+
+
+def test_instance_modes_under_inference_mode():
+    m = _convnet((4, 4))
+    x = torch.randn(3, 2, 5, 5)
+    with torch.no_grad(), cimext.instance(m, seeds=[1, 2]):
+        want = m(x)
+    with torch.inference_mode(), cimext.instance(m, seeds=[1, 2]):
+        assert torch.equal(m(x), want)

@@ -11,6 +11,12 @@ instance 7 on W + δ. The modes (DESIGN section 6):
   layers work unchanged on the folded batch; :func:`cimext.nn.unfold` gives (S, B, ...).
 - sampling(noise=...): fresh noise every forward (training); one seed per forward of the model,
   shared by its layers (layer_id separates their streams), gradients with the noise held fixed.
+
+Both instance modes, on the CPU with no gradient to compute, build each layer's W + δ + ΔW once
+per context and reuse it for every batch (see :func:`instance`). Every mode works under
+``torch.compile(model, fullgraph=True)``: seeds reach the ops as tensors (a new seed does not
+recompile), and a compiled sampling forward takes its seed from tensor state rather than a
+generator call (see :class:`cimext.nn.ForwardState`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ from ._state import ForwardState, Mode
 from .convert import require_cim_layers
 
 _KEEP = object()  # "leave the mode as it is" (perturbation only changes δ)
-_SEED_MOD = 2**64
 
 
 def _layers(model: nn.Module, what: str) -> list[tuple[str, nn.Module]]:
@@ -59,6 +64,8 @@ def _override(
     finally:
         if handle is not None:
             handle.remove()
+        if state is not None:
+            state.finish()
         for layer, old_mode, old_delta in saved:
             object.__setattr__(layer, "_cim_mode", old_mode)
             layer.__dict__["_delta"] = old_delta
@@ -70,22 +77,36 @@ def clean(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
 
 
 def instance(
-    model: nn.Module, seed: int | None = None, *, seeds=None
+    model: nn.Module,
+    seed: int | None = None,
+    *,
+    seeds=None,
+    reuse_weights: bool = True,
+    _buffers: dict | None = None,
 ) -> contextlib.AbstractContextManager[nn.Module]:
     """One fixed device instance ``seed``, or S instances ``seeds=[...]`` on a folded batch.
 
     Every layer draws ΔW from its own DeviceModel (``layer.device``), the seed and its layer_id.
     With ``seeds`` the model maps (B, ...) to (S*B, ...); see :func:`cimext.nn.unfold`.
+
+    When no gradient is needed (torch.no_grad, or nothing requires grad) on the CPU, each layer
+    builds its W + δ + ΔW once in the context and reuses it for every batch (the noise is not
+    regenerated per batch; memory: one copy of the weights per seed, freed on exit).
+    ``reuse_weights=False`` always calls the fused ops instead; the results are the same.
     """
     layers = _layers(model, "instance")
     if (seed is None) == (seeds is None):
         raise TypeError("cimext.instance: give exactly one of seed= or seeds=[...]")
-    state = ForwardState()
+    if not isinstance(reuse_weights, bool):
+        raise TypeError(f"reuse_weights must be a bool, got {reuse_weights!r}")
+    cache = reuse_weights
+    state = ForwardState(buffers=_buffers)
     if seeds is None:
-        mode = Mode("instance", state, seed=_spec.check_seed(seed) % _SEED_MOD)
+        seed_t = torch.tensor([_spec.check_seed(seed)], dtype=torch.int64)
+        mode = Mode("instance", state, seeds=seed_t, cache=cache)
         return _override(model, layers, mode=mode)
-    checked, _ = _spec.check_seeds(0, seeds)
-    mode = Mode("instances", state, seeds=tuple(s % _SEED_MOD for s in checked))
+    seed_t, _ = _spec.seeds_arg(0, seeds)
+    mode = Mode("instances", state, seeds=seed_t, cache=cache)
     return _override(model, layers, mode=mode, state=state)
 
 
@@ -124,7 +145,7 @@ def sampling(
         )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    state = ForwardState(generator)
+    state = ForwardState(generator, sampling=True)
     if noise == "device":
         device = params.get("device")
         if device is not None and not isinstance(device, DeviceModel):

@@ -6,6 +6,8 @@ computes exactly what its torch base class computes (plus δ and quantization wh
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,7 +132,7 @@ class _CiMMixin:
                     f"{type(self).__name__} in instances mode needs a batched input, got shape "
                     f"{tuple(input.shape)}"
                 )
-            S = len(mode.seeds)
+            S = mode.seeds.shape[0]
             folded = mode.state.fold(input.shape[0], S)
         quant = self.quant
         x = input
@@ -139,10 +141,17 @@ class _CiMMixin:
             x = quantize_ste(
                 x, quant.input_bits, groups=S if folded else 1, unsigned_if_nonneg=True
             )
-        w = self.weight
-        if quant is not None and quant.weight_bits is not None:
-            w = quantize_ste(w, quant.weight_bits)
         delta = self._delta
+        if mode is not None and mode.cache and self._reuses_weights(x, delta):
+            # Instance modes, nothing to differentiate: the context's perturbed weights (built
+            # on first use), so the weight is neither quantized nor perturbed again per batch.
+            weights = self._instance_weights(mode, delta)
+            x, extra = self._prepare(x)
+            if mode.kind == "instance":
+                return self._one_instance(x, weights[0], extra)
+            y = self._stacked_forward(x, weights, folded, extra)
+            return y.reshape(-1, *y.shape[2:])
+        w = self._quantized_weight()
         if mode is None:
             return self._clean(x, w if delta is None else w + delta)
 
@@ -151,14 +160,77 @@ class _CiMMixin:
             kw["verify_mask"] = self.verify_mask
         kw.update(layer_id=self.layer_id, delta=delta)
         x, extra = self._prepare(x)
-        if mode.kind == "instance":
-            return self._perturbed(x, w, seed=mode.seed, **extra, **kw)
         if mode.kind == "sampling":
             return self._perturbed(x, w, seed=mode.state.sampling_seed(), **extra, **kw)
+        if mode.kind == "instance":
+            return self._perturbed(x, w, seed=mode.seeds, **extra, **kw)
         if folded:
             x = x.reshape(S, x.shape[0] // S, *x.shape[1:])
         y = self._perturbed(x, w, seeds=mode.seeds, x_stacked=folded, **extra, **kw)
         return y.reshape(-1, *y.shape[2:])  # (S, B, ...) -> (S*B, ...)
+
+    def _quantized_weight(self) -> torch.Tensor:
+        quant = self.quant
+        if quant is not None and quant.weight_bits is not None:
+            return quantize_ste(self.weight, quant.weight_bits)
+        return self.weight
+
+    # --- reused perturbed weights (instance modes, no gradient) ---------------------------------
+
+    def _reuses_weights(self, x: torch.Tensor, delta) -> bool:
+        """Whether this forward may take the perturbed weights from the context's cache: an
+        instance mode that allows it, eager (a compiled graph keeps the fused op), on the CPU (on
+        a GPU the fused kernels win) and with no gradient to compute (the fused op's backward
+        regenerates the noise)."""
+        mode = self._cim_mode
+        if mode.kind == "sampling" or torch.compiler.is_compiling() or x.device.type != "cpu":
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not any(
+            t is not None and t.requires_grad for t in (x, delta, self.weight, self.bias)
+        )
+
+    def _instance_weights(self, mode: Mode, delta) -> torch.Tensor:
+        """W + δ + ΔW(seed) of every seed of the mode, (S, *W.shape), built once per context
+        and rebuilt only when the weight, δ, quantization, device model or verify mask change.
+
+        The values are those the fused op builds inside its kernel ((W + δ) + ΔW in the weight's
+        dtype, W quantized first when the layer quantizes weights), so every instance computes
+        what the fused op would."""
+        state = mode.state
+        device = mode.device if mode.device is not None else self.device
+        mask = self.verify_mask
+        weight = self.weight
+        # The cache entry holds the objects it was built from: identity (not id(), which a
+        # new object may reuse) plus version counters detect any change.
+        refs = (weight, self.quant, device, delta, mask)
+        versions = (
+            weight._version,
+            weight.data_ptr(),
+            None if delta is None else delta._version,
+            None if mask is None else mask._version,
+        )
+        cached = state.weights.get(id(self))
+        if (
+            cached is not None
+            and cached[1] == versions
+            and all(a is b for a, b in zip(cached[0], refs, strict=True))
+        ):
+            return cached[2]
+        w = self._quantized_weight().detach()
+        S = mode.seeds.shape[0]
+        buf = state.buffer(id(self), (S, *w.shape), w.dtype, w.device)
+        ops.noise(w, device, seeds=mode.seeds, layer_id=self.layer_id, verify_mask=mask, out=buf)
+        buf.add_(w if delta is None else w + delta.detach())  # ΔW + (W + δ): addition commutes
+        state.weights[id(self)] = (refs, versions, buf)
+        return buf
+
+    def _stacked_forward(self, x: torch.Tensor, weights: torch.Tensor, folded: bool, extra):
+        """(S, B, ...) outputs of the S instances: x is (S*B, ...) when folded, else shared."""
+        S = weights.shape[0]
+        xs = x.reshape(S, x.shape[0] // S, *x.shape[1:]) if folded else None
+        return self._each_instance(x, xs, weights, extra)
 
 
 class CiMLinear(_CiMMixin, nn.Linear):
@@ -190,6 +262,26 @@ class CiMLinear(_CiMMixin, nn.Linear):
 
     def _perturbed(self, x, w, **kw):
         return ops.perturbed_linear(x, w, self.bias, **kw)
+
+    def _one_instance(self, x, w, extra):
+        # As the fused CPU kernel computes each instance: one addmm (mm without bias) on the
+        # input flattened to 2-D, whatever its leading dimensions.
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y = torch.mm(x2, w.t()) if self.bias is None else torch.addmm(self.bias, x2, w.t())
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], w.shape[0])
+
+    def _each_instance(self, x, xs, weights, extra):
+        S, out_f = weights.shape[0], weights.shape[1]
+        lead = x.shape[:-1] if xs is None else xs.shape[1:-1]
+        y = x.new_empty((S, math.prod(lead), out_f))
+        x2 = None if xs is not None else x.reshape(-1, x.shape[-1])
+        for s in range(S):
+            xi = x2 if xs is None else xs[s].reshape(-1, x.shape[-1])
+            if self.bias is None:
+                torch.mm(xi, weights[s].t(), out=y[s])
+            else:
+                torch.addmm(self.bias, xi, weights[s].t(), out=y[s])
+        return y.reshape(S, *lead, out_f)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_cim_repr(self)}"
@@ -265,6 +357,20 @@ class CiMConv2d(_CiMMixin, nn.Conv2d):
             x, w, self.bias, self.stride, padding, self.dilation, self.groups, **kw
         )
         return y.squeeze(0) if unbatched else y
+
+    def _conv(self, x, w, padding):
+        # The call the fused CPU kernel makes for each instance.
+        return F.conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def _one_instance(self, x, w, extra):
+        unbatched = x.dim() == 3
+        y = self._conv(x.unsqueeze(0) if unbatched else x, w, extra["padding"])
+        return y.squeeze(0) if unbatched else y
+
+    def _each_instance(self, x, xs, weights, extra):
+        p = extra["padding"]
+        outs = [self._conv(x if xs is None else xs[s], w, p) for s, w in enumerate(weights)]
+        return torch.stack(outs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_cim_repr(self)}"

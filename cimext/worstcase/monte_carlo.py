@@ -1,12 +1,13 @@
 """cimext.worstcase.monte_carlo: accuracy of n device instances of a converted model.
 
 Instance i of a run with seed s has device seed splitmix64(s ^ splitmix64(i)), so (seed, n)
-reproduces a run exactly and a run with n instances is a prefix of one with more. Many instances
-go through each forward at once (cimext.instance(model, seeds=[...]) folds them into the batch),
-so per-call overheads are shared and nothing but the instance seeds is stored.
+reproduces a run exactly and a run with n instances is a prefix of one with more. A few
+instances share each forward (cimext.instance(model, seeds=[...]) folds them into the batch), so
+per-call overheads are shared. On the CPU each instance's perturbed weights are built once per
+chunk and reused for every batch; nothing but one chunk's weights and the seeds is stored.
 
-Under ``torchrun`` the chunks of instances are dealt round-robin to the ranks and the
-per-instance accuracies gathered on every rank: each chunk is computed exactly as a single process
+Under ``torchrun`` each rank computes a contiguous block of the instances and the per-instance
+accuracies are gathered on every rank: every instance is computed exactly as a single process
 computes it, so the result is identical to the single-process one for the same seeds.
 """
 
@@ -120,11 +121,70 @@ def _population(model: nn.Module, device: DeviceModel) -> Iterator[None]:
 
 
 def _progress(it, enabled: bool, total: int, desc: str):
+    """A tqdm bar over ``it`` (a manual one when ``it`` is None), or ``it`` when disabled."""
     if not enabled:
         return it
     from tqdm.auto import tqdm
 
     return tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# Instances per forward. The fused path (GPU) takes every instance of a call in one launch, so
+# large calls pay: about FUSED_SAMPLES samples per forward. On the CPU path the best number
+# depends on the machine: measured with bench/bench_monte_carlo.py on 2 cores (LeNet, batches of
+# 256), one thread was fastest at 1-2 instances per forward (from 4 on, activations leave the
+# cache: 1.3-1.5x), while two threads on a loaded machine gained from 4-16 (fewer, larger
+# parallel regions). So monte_carlo times the first chunks with TUNE_CANDIDATES instances per
+# forward in turn (real instances: nothing is wasted), stops at the first that is clearly slower
+# per instance than the best so far (bigger chunks only cost more memory from there), keeps the
+# fastest and remembers it for the same model, batch shape and thread count (_TUNED).
+FUSED_SAMPLES = 8192
+TUNE_CANDIDATES = (1, 2, 4, 8)
+TUNE_SLOWER = 1.10  # a candidate this much slower per instance than the best ends the tuning
+MAX_FOLD_SAMPLES = 2048  # CPU path: at most this many samples per forward (activation memory)
+DEFAULT_INSTANCES = 2  # CPU path, when there are too few instances to tune
+# The CPU path keeps k perturbed copies of the weights per chunk: at most this many bytes.
+WEIGHT_BUDGET = 512 * 2**20
+_TUNED: dict[tuple, int] = {}
+
+
+def _shard(n: int, rank: int, world: int) -> range:
+    """The contiguous block of instance indices ``rank`` of ``world`` computes. It depends only
+    on n and the world size (not on instances per forward, which each rank may choose itself)."""
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+def _tune_key(model: nn.Module, batches: list, fused: bool) -> tuple:
+    from ..nn import cim_layers
+
+    x = batches[0][0]
+    layers = tuple((n, tuple(m.weight.shape)) for n, m in cim_layers(model))
+    return (
+        type(model).__qualname__,
+        layers,
+        tuple(x.shape),
+        x.dtype,
+        str(x.device),
+        fused,
+        torch.get_num_threads(),
+    )
+
+
+def _plan(
+    n: int, largest: int, weight_bytes: int, fused: bool, key: tuple, given: int | None
+) -> tuple[list[int], bool]:
+    """Chunk sizes to start with and whether to time them (tuning); the last size repeats."""
+    if given is not None:
+        return [given], False
+    if fused:
+        return [max(1, min(n, FUSED_SAMPLES // largest))], False
+    cap = max(1, min(WEIGHT_BUDGET // max(1, weight_bytes), MAX_FOLD_SAMPLES // largest))
+    if key in _TUNED:
+        return [max(1, min(_TUNED[key], cap, n))], False
+    cands = [k for k in TUNE_CANDIDATES if k <= cap]
+    if len(cands) < 2 or n < sum(cands):  # nothing to choose, or too few instances to time
+        return [max(1, min(DEFAULT_INSTANCES, cap, n))], False
+    return cands, True
 
 
 @torch.no_grad()
@@ -138,18 +198,30 @@ def monte_carlo(
     instances_per_call: int | None = None,
     progress: bool = True,
     start: int = 0,
+    fused: bool | None = None,
+    clean_accuracy: bool = True,
 ) -> MonteCarloResult:
     """Accuracy of ``n`` device instances of the converted ``model`` over ``data`` (an iterable
     of (inputs, labels) batches), every CiM layer programmed with DeviceModel ``device``.
 
     Use ``DeviceModel.verified(th_g)`` for the write-verified population that the worst-case
-    methods are compared with. ``instances_per_call`` instances share each forward (default: as
-    many as keep about 8192 samples per forward). ``start`` offsets the instance indices (a shard
-    of a larger run). Under torchrun (a torch.distributed process group of more than one
-    process) every rank must call it with the same arguments; the instances are sharded across
-    the ranks and every rank gets the full result. Returns a MonteCarloResult.
+    methods are compared with. Instances are evaluated ``instances_per_call`` at a time (default:
+    measured on the first chunks, see TUNE_CANDIDATES), each exactly as
+    ``cimext.instance(model, seed)`` evaluates one instance, so the accuracies do not depend on
+    the chunking.
+
+    On the CPU each chunk builds every layer's W + δ + ΔW once (O(parameters) per instance, in
+    storage reused from chunk to chunk) and runs the data through plain GEMMs and convolutions;
+    ``fused=True`` (the default on a GPU, and for weights over WEIGHT_BUDGET bytes) calls the
+    fused ops instead, which regenerate ΔW per batch and store no weights. Memory stays bounded
+    whatever ``n``: one chunk's weights (CPU) and activations. ``start`` offsets the instance
+    indices (a shard of a larger run); ``clean_accuracy=False`` skips the clean pass (the
+    result's clean_accuracy is then NaN).
+    Under torchrun (a torch.distributed process group of more than one process) every rank must
+    call it with the same arguments; each rank computes a contiguous block of the instances and
+    every rank gets the full result. Returns a MonteCarloResult.
     """
-    from ..nn import clean, instance, require_cim_layers, unfold
+    from ..nn import cim_layers, clean, instance, require_cim_layers, unfold
 
     require_cim_layers(model, "monte_carlo")
     if not isinstance(device, DeviceModel):
@@ -157,43 +229,80 @@ def monte_carlo(
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     if instances_per_call is not None and (
-        isinstance(instances_per_call, bool) or int(instances_per_call) < 1
+        isinstance(instances_per_call, bool)
+        or not isinstance(instances_per_call, numbers.Integral)
+        or instances_per_call < 1
     ):
-        raise ValueError(f"instances_per_call must be >= 1, got {instances_per_call!r}")
+        raise ValueError(f"instances_per_call must be an int >= 1, got {instances_per_call!r}")
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool or None, got {fused!r}")
+    if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
+        raise ValueError(f"start must be an int >= 0, got {start!r}")
+    if not isinstance(clean_accuracy, bool):
+        raise TypeError(f"clean_accuracy must be a bool, got {clean_accuracy!r}")
     p = next(model.parameters())
     batches = [(x.to(p.device), y.to(p.device)) for x, y in data]
     samples = sum(int(y.numel()) for _, y in batches)
     if samples == 0:
         raise ValueError("monte_carlo: the data yielded no samples")
     largest = max(int(y.numel()) for _, y in batches)
-    k = int(instances_per_call or max(1, min(n, 8192 // largest)))
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for _, m in cim_layers(model))
+    if fused is None:
+        # The fused ops store no weights: on a GPU they win, and a model whose weights exceed
+        # the budget would not fit one instance's copy.
+        fused = p.device.type != "cpu" or weight_bytes > WEIGHT_BUDGET
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = _shard(n, rank, world)
+    key = _tune_key(model, batches, fused)
+    sizes, tuning = _plan(len(mine), largest, weight_bytes, fused, key, instances_per_call)
 
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     try:
-        with clean(model):
-            correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in batches)
-        clean_acc = correct / samples
+        clean_acc = float("nan")
+        if clean_accuracy:
+            with clean(model):
+                correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in batches)
+            clean_acc = correct / samples
         acc = torch.zeros(n, dtype=torch.float64)
-        # Under torchrun each rank takes every world-th chunk (chunk boundaries as in one process).
-        rank, world = distributed.rank(), distributed.world_size()
-        chunks = range(0, n, k)[rank::world]
-        progress = progress and rank == 0
+        bar = _progress(None, progress and rank == 0, len(mine), "monte carlo")
+        timings: dict[int, float] = {}
+        # Storage of the chunk's perturbed weights, allocated once and reused by every chunk.
+        buffers: dict = {}
+        c0 = mine.start
+        pending = list(sizes) if tuning else []
+        k = sizes[0]
         with _population(model, device):
-            for c0 in _progress(chunks, progress, len(chunks), "monte carlo"):
-                seeds = instance_seeds(seed, min(k, n - c0), start + c0)
+            while c0 < mine.stop:
+                if pending:
+                    k = pending.pop(0)
+                seeds = instance_seeds(seed, min(k, mine.stop - c0), start + c0)
+                t_chunk = time.perf_counter()
                 hits = torch.zeros(len(seeds), dtype=torch.int64, device=p.device)
-                with instance(model, seeds=seeds):
+                # One instance: the plain instance mode (no stacking of per-instance outputs).
+                which = dict(seed=seeds[0]) if len(seeds) == 1 else dict(seeds=seeds)
+                ctx = instance(model, **which, reuse_weights=not fused, _buffers=buffers)
+                with ctx:
                     for x, y in batches:
                         pred = unfold(model(x), len(seeds)).argmax(-1)
                         hits += (pred == y).sum(1)
                 acc[c0 : c0 + len(seeds)] = hits.cpu().double() / samples
+                if tuning:
+                    timings[k] = (time.perf_counter() - t_chunk) / len(seeds)
+                    best = min(timings, key=timings.get)
+                    if not pending or timings[k] > TUNE_SLOWER * timings[best]:
+                        k = _TUNED[key] = best
+                        pending, tuning = [], False
+                c0 += len(seeds)
+                if bar is not None:
+                    bar.update(len(seeds))
+        if bar is not None:
+            bar.close()
+        del buffers
         if world > 1:
-            mine = {c0: acc[c0 : c0 + min(k, n - c0)].tolist() for c0 in chunks}
-            for part in distributed.all_gather_object(mine):
-                for c0, values in part.items():
-                    acc[c0 : c0 + len(values)] = torch.tensor(values, dtype=torch.float64)
+            for lo, values in distributed.all_gather_object((mine.start, acc[mine].tolist())):
+                acc[lo : lo + len(values)] = torch.tensor(values, dtype=torch.float64)
     finally:
         model.train(was_training)
     return MonteCarloResult(
@@ -204,7 +313,13 @@ def monte_carlo(
         clean_accuracy=clean_acc,
         seconds=time.perf_counter() - t0,
         samples=samples,
-        settings=dict(instances_per_call=k, start=start, ranks=world),
+        settings=dict(
+            instances_per_call=k,
+            tuned={str(k): v for k, v in timings.items()},
+            start=start,
+            ranks=world,
+            fused=fused,
+        ),
     )
 
 

@@ -47,21 +47,11 @@ void check_like_weight(const char* what, const char* name, const at::Tensor& t,
               t.scalar_type(), " must match weight dtype ", weight.scalar_type());
 }
 
-at::Tensor noise_cuda(const at::Tensor& weight, at::IntArrayRef seeds, int64_t layer_id,
-                      int64_t mode, double scale, int64_t weight_bits, int64_t bits_per_device,
-                      double sigma, at::ArrayRef<double> level_sigma, double verified_sigma,
-                      double th, bool verify, const std::optional<at::Tensor>& verify_mask) {
-  check_weight("noise", weight);
-  const cpu::NoiseSpec spec =
-      cpu::make_spec("noise", weight, seeds, layer_id, mode, scale, weight_bits, bits_per_device,
-                     sigma, level_sigma, verified_sigma, th, verify, verify_mask);
-  const c10::cuda::CUDAGuard guard(weight.device());
+// Writes ΔW for every seed into `out`, a contiguous (S, *weight.shape) tensor like weight.
+void noise_into(const cpu::NoiseSpec& spec, const at::Tensor& weight, at::Tensor& out) {
   const at::Tensor w = weight.contiguous();
   const int64_t S = static_cast<int64_t>(spec.seeds.size()), n = w.numel();
-  std::vector<int64_t> shape{S};
-  shape.insert(shape.end(), weight.sizes().begin(), weight.sizes().end());
-  at::Tensor out = at::empty(shape, w.options());
-  if (n == 0) return out;
+  if (n == 0) return;
   // The stream seeds go to the device in one small blocking copy so that one launch covers every
   // instance; int64 holds the uint64 bit patterns.
   std::vector<int64_t> streams(S);
@@ -75,7 +65,43 @@ at::Tensor noise_cuda(const at::Tensor& weight, at::IntArrayRef seeds, int64_t l
         spec.params, sp, S, in_ptr<scalar_t>(w), mask_ptr(spec.verify_mask), n,
         out_ptr<scalar_t>(out), c10::cuda::getCurrentCUDAStream()));
   });
+}
+
+at::Tensor noise_cuda(const at::Tensor& weight, const at::Tensor& seeds, int64_t layer_id,
+                      int64_t mode, std::optional<double> scale, int64_t weight_bits,
+                      int64_t bits_per_device, double sigma, at::ArrayRef<double> level_sigma,
+                      double verified_sigma, double th, bool verify,
+                      const std::optional<at::Tensor>& verify_mask) {
+  check_weight("noise", weight);
+  const cpu::NoiseSpec spec =
+      cpu::make_spec("noise", weight, seeds, layer_id, mode, scale, weight_bits, bits_per_device,
+                     sigma, level_sigma, verified_sigma, th, verify, verify_mask);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  std::vector<int64_t> shape{static_cast<int64_t>(spec.seeds.size())};
+  shape.insert(shape.end(), weight.sizes().begin(), weight.sizes().end());
+  at::Tensor out = at::empty(shape, weight.options());
+  noise_into(spec, weight, out);
   return out;
+}
+
+void noise_out_cuda(const at::Tensor& weight, const at::Tensor& seeds, int64_t layer_id,
+                    int64_t mode, std::optional<double> scale, int64_t weight_bits,
+                    int64_t bits_per_device, double sigma, at::ArrayRef<double> level_sigma,
+                    double verified_sigma, double th, bool verify,
+                    const std::optional<at::Tensor>& verify_mask, at::Tensor out) {
+  check_weight("noise", weight);
+  const cpu::NoiseSpec spec =
+      cpu::make_spec("noise", weight, seeds, layer_id, mode, scale, weight_bits, bits_per_device,
+                     sigma, level_sigma, verified_sigma, th, verify, verify_mask);
+  cpu::check_noise_out(weight, static_cast<int64_t>(spec.seeds.size()), out);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (out.is_contiguous()) {
+    noise_into(spec, weight, out);
+  } else {
+    at::Tensor tmp = at::empty(out.sizes(), out.options());
+    noise_into(spec, weight, tmp);
+    out.copy_(tmp);
+  }
 }
 
 }  // namespace
@@ -106,6 +132,9 @@ void perturbed_weight_cuda(const NoiseParams& p, uint64_t stream, const at::Tens
       });
 }
 
-TORCH_LIBRARY_IMPL(cimext, CUDA, m) { m.impl("noise", &noise_cuda); }
+TORCH_LIBRARY_IMPL(cimext, CUDA, m) {
+  m.impl("noise", &noise_cuda);
+  m.impl("noise_out", &noise_out_cuda);
+}
 
 }  // namespace cimext::cuda

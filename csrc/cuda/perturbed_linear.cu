@@ -22,11 +22,11 @@ namespace {
 at::Tensor perturbed_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& delta, bool x_stacked,
-                                 at::IntArrayRef seeds, int64_t layer_id, int64_t mode,
-                                 double scale, int64_t weight_bits, int64_t bits_per_device,
-                                 double sigma, at::ArrayRef<double> level_sigma,
-                                 double verified_sigma, double th, bool verify,
-                                 const std::optional<at::Tensor>& verify_mask) {
+                                 const at::Tensor& seeds, int64_t layer_id, int64_t mode,
+                                 std::optional<double> scale, int64_t weight_bits,
+                                 int64_t bits_per_device, double sigma,
+                                 at::ArrayRef<double> level_sigma, double verified_sigma, double th,
+                                 bool verify, const std::optional<at::Tensor>& verify_mask) {
   // The ATen calls below are implementation details: keep autograd out of them (at::linear_out
   // refuses inputs that require grad otherwise).
   at::AutoDispatchBelowADInplaceOrView below_autograd;
