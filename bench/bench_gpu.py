@@ -78,7 +78,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], device, rounds: int, min_time: float):
+def interleaved(
+    fns: dict[str, Callable[[], object]], device, rounds: int, min_time: float, min_reps: int = 3
+):
     """{name: {median_ms, p20_ms, p80_ms, warmup_s, peak_mb} or {error}}: one warm-up call each
     (Triton compiles and autotunes there), then alternating timed rounds."""
     out: dict[str, dict] = {}
@@ -98,7 +100,7 @@ def interleaved(fns: dict[str, Callable[[], object]], device, rounds: int, min_t
             live[name] = fn
         except Exception as e:  # a failing provider is reported, the others still run
             out[name] = dict(error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
-    timer = Timer(device, min_time / max(1, rounds))
+    timer = Timer(device, min_time / max(1, rounds), min_reps)
     samples: dict[str, list[float]] = {k: [] for k in live}
     for _ in range(rounds):
         for name, fn in live.items():
@@ -303,7 +305,7 @@ def _wall(fn: Callable[[], object], device) -> float:
 def plan(a) -> list[tuple[str, Callable[[], list[dict]]]]:
     device = torch.device(a.device)
     quick = a.quick
-    min_time, rounds = (0.05, 2) if quick else (a.min_time, 3)
+    min_time, rounds = (0.0, 1) if quick else (a.min_time, 3)
     cases: list[tuple[str, Callable[[], list[dict]]]] = []
     dtypes = ["fp32"] if device.type == "cpu" else ["fp32", "bf16"]
     if "linear" in a.only:
