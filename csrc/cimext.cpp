@@ -4,17 +4,25 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// The noise spec shared by noise / perturbed_linear / perturbed_conv2d. mode: 0 none (δ only),
+// The noise spec shared by noise / perturbed_linear / perturbed_conv2d. kind: 0 none (δ only),
 // 1 gaussian (ΔW = scale * sigma * ε), 2 device (DESIGN section 3), 3 right-censored Gaussian
-// (ΔW = scale * sigma * min(ε, th)). seeds are 64-bit device-instance seeds as int64 bit patterns.
-#define CIMEXT_NOISE_ARGS                                                                  \
-  "int[] seeds, int layer_id, int mode, float scale, int weight_bits, int bits_per_device, " \
+// (ΔW = scale * sigma * min(ε, th)). seeds: a 1-D int64 tensor (on the CPU or on weight's
+// device) of 64-bit device-instance seeds as int64 bit patterns; a tensor rather than int[] so
+// that a compiled graph takes new seeds as data (no recompile per seed, none per sampled
+// forward). scale: the full scale s_l; None computes max|weight| (as float32) inside the op, so
+// that no caller has to turn a tensor into a Python number. (`kind`, not `mode`: torch.compile's
+// functionalization of the mutating noise_out passes a `mode` argument of its own.)
+#define CIMEXT_NOISE_ARGS                                                                   \
+  "Tensor seeds, int layer_id, int kind, float? scale, int weight_bits, int bits_per_device, " \
   "float sigma, float[] level_sigma, float verified_sigma, float th, bool verify, "        \
   "Tensor? verify_mask"
 
 TORCH_LIBRARY(cimext, m) {
   // ΔW for every seed: shape (S, *weight.shape), dtype of weight.
   m.def("noise(Tensor weight, " CIMEXT_NOISE_ARGS ") -> Tensor");
+  // noise written into `out` (shape (S, *weight.shape), dtype and device of weight); checked
+  // before anything is written.
+  m.def("noise_out(Tensor weight, " CIMEXT_NOISE_ARGS ", Tensor(a!) out) -> ()");
   // Stack over seeds of linear(x_s, weight + delta + ΔW(s), bias): shape (S, ..., out).
   m.def("perturbed_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? delta, bool x_stacked, " CIMEXT_NOISE_ARGS
         ") -> Tensor");

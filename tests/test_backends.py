@@ -57,7 +57,8 @@ def test_opcheck_triton_namespace():
     with cimext.backend("triton"):
         ops.noise(torch.ones(2, 2), DeviceModel(), 0)
     x, w = torch.randn(3, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
-    args = (x, w, None, None, False, [1], 0, 2, 1.0, 8, 2, 0.1, [], 0.01, 0.06, False, None)
+    one = torch.tensor([1])
+    args = (x, w, None, None, False, one, 0, 2, 1.0, 8, 2, 0.1, [], 0.01, 0.06, False, None)
     torch.library.opcheck(torch.ops.cimext_triton.perturbed_linear.default, args)
 
 

@@ -87,5 +87,6 @@ def test_gradcheck_cuda(backend):
 def test_opcheck_cuda():
     x = torch.randn(3, 5, device="cuda", requires_grad=True)
     w = torch.randn(4, 5, device="cuda", requires_grad=True)
-    args = (x, w, None, None, False, [1, -7], 1, 2, 1.5, 8, 2, 0.1, [], 0.01, 0.06, False, None)
+    seeds = torch.tensor([1, -7])
+    args = (x, w, None, None, False, seeds, 1, 2, 1.5, 8, 2, 0.1, [], 0.01, 0.06, False, None)
     torch.library.opcheck(torch.ops.cimext.perturbed_linear.default, args)

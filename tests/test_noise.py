@@ -36,7 +36,7 @@ def test_splitmix64():
 def _cpp_normals(stream_seed_of, n, layer_id=0):
     w = torch.zeros(n)
     return torch.ops.cimext.noise(
-        w, [stream_seed_of], layer_id, 1, 1.0, 8, 2, 1.0, [], 0, 0, False, None
+        w, torch.tensor([stream_seed_of]), layer_id, 1, 1.0, 8, 2, 1.0, [], 0, 0, False, None
     )[0]
 
 
@@ -231,8 +231,102 @@ def test_empty_weight():
 
 def test_opcheck_noise():
     w = torch.randn(7, 5)
-    args = (w, [1, -2], 0, 2, 1.5, 8, 2, 0.1, [], 0.01, 0.06, False, None)
+    args = (w, torch.tensor([1, -2]), 0, 2, 1.5, 8, 2, 0.1, [], 0.01, 0.06, False, None)
     torch.library.opcheck(torch.ops.cimext.noise.default, args)
     mask = torch.rand(7, 5) < 0.5
-    args = (w, [3], 1, 2, 1.5, 8, 2, 0.1, [1.0, 2.0, 2.0, 1.0], 0.01, 0.06, False, mask)
+    ls = [1.0, 2.0, 2.0, 1.0]
+    args = (w, torch.tensor([3]), 1, 2, None, 8, 2, 0.1, ls, 0.01, 0.06, False, mask)
     torch.library.opcheck(torch.ops.cimext.noise.default, args)
+
+
+# --- out= (every backend) ------------------------------------------------------------------------
+BACKENDS = ["cpp", pytest.param("triton", marks=pytest.mark.interpreter), "ref"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_out_matches_fresh(backend):
+    w = torch.randn(7, 97)
+    dev = DeviceModel(level_sigma=(0.5, 1.5, 1.5, 0.5))
+    with cimext.backend(backend):
+        want = ops.noise(w, dev, seeds=[3, 2**64 - 1], layer_id=4)
+        out = torch.full((2, 7, 97), float("nan"))
+        got = ops.noise(w, dev, seeds=[3, 2**64 - 1], layer_id=4, out=out)
+        assert got is out
+        assert torch.equal(out, want)
+        # One seed: out has the weight's shape; a strided out (a slice of a buffer) works too.
+        one = torch.full((97, 7), float("nan")).t()
+        assert ops.rcg_noise(w, 0.1, 1.0, 5, out=one) is one
+        assert torch.equal(one, ops.rcg_noise(w, 0.1, 1.0, 5))
+        version = out._version
+        ops.gaussian_noise(w, 0.2, seeds=[1, 2], out=out)
+        assert out._version > version
+        assert torch.equal(out, ops.gaussian_noise(w, 0.2, seeds=[1, 2]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "make_out, exc, match",
+    [
+        (lambda: torch.zeros(3, 7, 5), ValueError, "shape"),
+        (lambda: torch.zeros(7, 5), ValueError, "shape"),  # seeds given: (S, *weight.shape)
+        (lambda: torch.zeros(2, 7, 5, dtype=torch.float64), TypeError, "dtype"),
+        (lambda: torch.zeros(2, 7, 5, device="meta"), ValueError, "out is on meta"),
+        (lambda: [0.0], TypeError, "out must be a torch.Tensor"),
+        (lambda: torch.zeros(2, 7, 5, requires_grad=True), RuntimeError, "out requires grad"),
+    ],
+)
+def test_noise_out_bad_input_writes_nothing(backend, make_out, exc, match):
+    w = torch.randn(7, 5)
+    out = make_out()
+    before = out.clone() if isinstance(out, torch.Tensor) and out.device.type == "cpu" else None
+    with cimext.backend(backend), pytest.raises(exc, match=match):
+        ops.noise(w, DeviceModel(), seeds=[1, 2], out=out)
+    if before is not None:
+        assert torch.equal(out.detach(), before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_out_overlapping_weight_is_refused(backend):
+    w = torch.randn(7, 5)
+    before = w.clone()
+    with cimext.backend(backend), pytest.raises(ValueError, match="overlap"):
+        ops.noise(w, DeviceModel(), 1, out=w)
+    assert torch.equal(w, before)
+
+
+def test_noise_out_schema_level_checks():
+    # The C++ op checks `out` itself (callers may skip the Python wrapper), before writing.
+    w, seeds = torch.randn(4, 3), torch.tensor([1, 2])
+    args = (w, seeds, 0, 2, None, 8, 2, 0.1, [], 0.01, 0.06, False, None)
+    out = torch.zeros(3, 4, 3)
+    with pytest.raises(RuntimeError, match="out must have shape"):
+        torch.ops.cimext.noise_out(*args, out)
+    assert not out.any()
+    with pytest.raises(RuntimeError, match="out dtype"):
+        torch.ops.cimext.noise_out(*args, torch.zeros(2, 4, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="overlap"):
+        torch.ops.cimext.noise_out(w, seeds[:1], *args[2:], w.unsqueeze(0))
+    out = torch.zeros(2, 4, 3)
+    torch.ops.cimext.noise_out(*args, out)
+    assert torch.equal(out, torch.ops.cimext.noise(*args))
+    torch.library.opcheck(torch.ops.cimext.noise_out.default, (*args, torch.zeros(2, 4, 3)))
+
+
+def test_seeds_as_tensor_and_scale_from_the_op():
+    w = torch.randn(6, 5)
+    dev = DeviceModel()
+    want = ops.noise(w, dev, seeds=[7, 2**64 - 1])
+    bits = torch.tensor([7, -1])  # int64 bit patterns of 7 and 2**64 - 1
+    assert torch.equal(ops.noise(w, dev, seeds=bits), want)
+    assert torch.equal(ops.noise(w, dev, torch.tensor(7)), want[0])
+    # scale=None (the default) is max|W|; giving it explicitly changes nothing.
+    assert torch.equal(ops.noise(w, dev, 7, scale=ref.full_scale(w)), want[0])
+    with pytest.raises(TypeError, match="seeds must be an integer tensor"):
+        ops.noise(w, dev, seeds=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="seeds must hold at least one seed"):
+        ops.noise(w, dev, seeds=torch.tensor([], dtype=torch.int64))
+    with pytest.raises(ValueError, match="seed must be a single seed"):
+        ops.noise(w, dev, torch.tensor([1, 2]))
+    with pytest.raises(RuntimeError, match="seeds must be an int64 tensor"):
+        seeds = torch.tensor([1], dtype=torch.int32)
+        torch.ops.cimext.noise(w, seeds, 0, 2, None, 8, 2, 0.1, [], 0.0, 0.0, False, None)

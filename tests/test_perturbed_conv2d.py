@@ -94,10 +94,11 @@ def test_opcheck(requires_grad):
     b = torch.randn(6, requires_grad=requires_grad)
     op = torch.ops.cimext.perturbed_conv2d.default
     noise = (1, 2, 1.0, 8, 2, 0.1, [], 0.01, 0.06, False, None)
-    torch.library.opcheck(op, (x, w, b, None, [1, 1], [1, 1], [1, 1], 2, False, [3, -4]) + noise)
+    seeds = torch.tensor([3, -4])
+    torch.library.opcheck(op, (x, w, b, None, [1, 1], [1, 1], [1, 1], 2, False, seeds) + noise)
     xs = torch.randn(2, 1, 4, 6, 6, requires_grad=requires_grad)
     torch.library.opcheck(
-        op, (xs, w, None, w.detach() * 0.01, [2, 1], [0, 1], [1, 2], 2, True, [3, 4]) + noise
+        op, (xs, w, None, w.detach() * 0.01, [2, 1], [0, 1], [1, 2], 2, True, seeds.abs()) + noise
     )
 
 

@@ -120,6 +120,7 @@ def test_grad_matches_reference():
 
 
 def _schema_args(x, w, b, d, stacked, seeds, mode=2, mask=None):
+    seeds = torch.tensor(seeds)
     return (x, w, b, d, stacked, seeds, 1, mode, 1.5, 8, 2, 0.1, [], 0.01, 0.06, False, mask)
 
 
@@ -133,6 +134,10 @@ def test_opcheck(requires_grad):
     torch.library.opcheck(op, _schema_args(x, w, b, d, False, [1, -7]))
     xs = torch.randn(2, 3, 5, requires_grad=requires_grad)
     torch.library.opcheck(op, _schema_args(xs, w, None, None, True, [1, 2], mode=3))
+    # scale None: the op takes max|W| itself.
+    args = list(_schema_args(x, w, b, None, False, [4]))
+    args[8] = None
+    torch.library.opcheck(op, tuple(args))
     torch.library.opcheck(op, _schema_args(x, w, b, None, False, [5], mask=torch.rand(4, 5) < 0.5))
 
 
@@ -213,11 +218,12 @@ def test_bad_device_model(kw, match):
 def test_schema_level_checks():
     # The C++ kernel checks its own arguments too (callers may skip the Python wrapper).
     op = torch.ops.cimext.perturbed_linear
+    one = torch.tensor([1])
     with pytest.raises(RuntimeError, match="bits_per_device"):
-        op(X, W, None, None, False, [1], 0, 2, 1.0, 8, 3, 0.1, [], 0.0, 0.0, False, None)
+        op(X, W, None, None, False, one, 0, 2, 1.0, 8, 3, 0.1, [], 0.0, 0.0, False, None)
     with pytest.raises(RuntimeError, match="sigma"):
-        op(X, W, None, None, False, [1], 0, 2, 1.0, 8, 2, -0.1, [], 0.0, 0.0, False, None)
+        op(X, W, None, None, False, one, 0, 2, 1.0, 8, 2, -0.1, [], 0.0, 0.0, False, None)
     with pytest.raises(RuntimeError, match="th"):
-        op(X, W, None, None, False, [1], 0, 3, 1.0, 8, 2, 0.1, [], 0.0, float("nan"), False, None)
+        op(X, W, None, None, False, one, 0, 3, 1.0, 8, 2, 0.1, [], 0.0, float("nan"), False, None)
     with pytest.raises(RuntimeError, match="mode"):
-        op(X, W, None, None, False, [1], 0, 9, 1.0, 8, 2, 0.1, [], 0.0, 0.0, False, None)
+        op(X, W, None, None, False, one, 0, 9, 1.0, 8, 2, 0.1, [], 0.0, 0.0, False, None)

@@ -44,6 +44,11 @@ def as_int64(seed: int) -> int:
     return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
+def seed_t(seeds) -> torch.Tensor:
+    """The schema's seeds tensor (int64 bit patterns) of 64-bit seeds."""
+    return torch.tensor([as_int64(s) for s in seeds], dtype=torch.int64)
+
+
 def spec_of(overrides: dict) -> dict:
     spec = dict(BASE)
     spec.update(overrides)
@@ -118,7 +123,7 @@ def test_noise_matches_reference(case):
     for layer_id in (0, 7, 2**40):
         out = noise(
             w.to(DEV),
-            [as_int64(s) for s in SEEDS],
+            seed_t(SEEDS),
             layer_id,
             *noise_args(mode, scale, spec),
             None if mask is None else mask.to(DEV),
@@ -142,9 +147,7 @@ def test_noise_device_layouts(bits):
     w = torch.randn(3, 11, generator=torch.Generator().manual_seed(2))
     mask = torch.arange(33).reshape(3, 11) % 3 == 0
     scale = R.full_scale(w)
-    out = noise(
-        w.to(DEV), [as_int64(s) for s in SEEDS[:2]], 3, *noise_args(2, scale, spec), mask.to(DEV)
-    )
+    out = noise(w.to(DEV), seed_t(SEEDS[:2]), 3, *noise_args(2, scale, spec), mask.to(DEV))
     for k, s in enumerate(SEEDS[:2]):
         ref = R.noise(w, s, 3, mode=2, scale=scale, verify_mask=mask, **spec)
         assert (out[k].cpu() - ref).abs().max().item() <= 1e-6
@@ -155,7 +158,7 @@ def test_noise_quantization_ties():
     # and the per-level std tells which level was picked.
     spec = spec_of(dict(weight_bits=2, bits_per_device=1, level_sigma=(0.25, 4.0)))
     w = torch.tensor([0.0, 0.5, 1.5, 2.5, 3.0, -1.5, -2.5, -0.5, 1.0, 7.0])
-    out = noise(w.to(DEV), [11], 0, *noise_args(2, 3.0, spec), torch.zeros(10).to(DEV))
+    out = noise(w.to(DEV), seed_t([11]), 0, *noise_args(2, 3.0, spec), torch.zeros(10).to(DEV))
     ref = R.noise(w, 11, 0, mode=2, scale=3.0, verify_mask=torch.zeros(10), **spec)
     assert (out[0].cpu() - ref).abs().max().item() <= 1e-6
 
@@ -164,25 +167,25 @@ def test_noise_float16_and_empty():
     spec = spec_of({})
     w = torch.randn(4, 9, generator=torch.Generator().manual_seed(3)).half()
     scale = R.full_scale(w)
-    out = noise(w.to(DEV), [5], 1, *noise_args(2, scale, spec), None)
+    out = noise(w.to(DEV), seed_t([5]), 1, *noise_args(2, scale, spec), None)
     ref = R.noise(w, 5, 1, mode=2, scale=scale, **spec)
     assert out.dtype == torch.float16
     # float32 values within 1e-6 can round to neighbouring float16 values.
     assert (out[0].cpu().float() - ref.float()).abs().max().item() <= 1e-3 * ref.abs().max()
-    empty = noise(torch.zeros(0, 3, device=DEV), [1, 2], 0, *noise_args(2, 0.0, spec), None)
+    empty = noise(torch.zeros(0, 3, device=DEV), seed_t([1, 2]), 0, *noise_args(2, 0.0, spec), None)
     assert empty.shape == (2, 0, 3)
 
 
 def test_noise_rejects_bad_spec():
     w = torch.randn(2, 3, device=DEV)
     with pytest.raises(ValueError, match="bits_per_device"):
-        noise(w, [1], 0, *noise_args(2, 1.0, spec_of(dict(bits_per_device=3))), None)
+        noise(w, seed_t([1]), 0, *noise_args(2, 1.0, spec_of(dict(bits_per_device=3))), None)
     with pytest.raises(ValueError, match="level_sigma"):
-        noise(w, [1], 0, *noise_args(2, 1.0, spec_of(dict(level_sigma=(1.0,)))), None)
+        noise(w, seed_t([1]), 0, *noise_args(2, 1.0, spec_of(dict(level_sigma=(1.0,)))), None)
     with pytest.raises(ValueError, match="verify_mask"):
-        noise(w, [1], 0, *noise_args(2, 1.0, spec_of({})), torch.ones(5, device=DEV))
+        noise(w, seed_t([1]), 0, *noise_args(2, 1.0, spec_of({})), torch.ones(5, device=DEV))
     with pytest.raises(TypeError, match="weight"):
-        noise(w.int(), [1], 0, *noise_args(2, 1.0, spec_of({})), None)
+        noise(w.int(), seed_t([1]), 0, *noise_args(2, 1.0, spec_of({})), None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,7 +209,7 @@ def run_linear(x, w, bias, delta, x_stacked, seeds, layer_id, case, dtype=torch.
         dev(bias),
         dev(delta),
         x_stacked,
-        [as_int64(s) for s in seeds],
+        seed_t(seeds),
         layer_id,
         *noise_args(mode, scale, spec),
         dev(mask),
@@ -357,7 +360,7 @@ def test_perturbed_linear_dtypes(dtype, rel):
 
 def test_perturbed_linear_rejects_mismatch():
     w = torch.randn(4, 3, device=DEV)
-    args = ([1], 0, *noise_args(2, 1.0, spec_of({})), None)
+    args = (seed_t([1]), 0, *noise_args(2, 1.0, spec_of({})), None)
     with pytest.raises(ValueError, match="x"):
         perturbed_linear(torch.randn(2, 5, device=DEV), w, None, None, False, *args)
     with pytest.raises(ValueError, match="delta"):
@@ -391,7 +394,7 @@ def run_conv(x, w, bias, delta, conv, x_stacked, seeds, case, dtype=torch.float3
         dilation,
         groups,
         x_stacked,
-        [as_int64(s) for s in seeds],
+        seed_t(seeds),
         9,
         *noise_args(mode, scale, spec),
         dev(mask),
@@ -483,7 +486,7 @@ def test_seed_chunking(monkeypatch):
     spec = spec_of({})
     scale = R.full_scale(w)
     seeds = [1, 2, 3, 2**64 - 1, 5]
-    out = noise(w.to(DEV), [as_int64(s) for s in seeds], 0, *noise_args(2, scale, spec), None)
+    out = noise(w.to(DEV), seed_t(seeds), 0, *noise_args(2, scale, spec), None)
     for k, s in enumerate(seeds):
         ref = R.noise(w, s, 0, mode=2, scale=scale, **spec)
         assert (out[k].cpu() - ref).abs().max().item() <= 1e-6

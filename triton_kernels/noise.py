@@ -150,6 +150,26 @@ def make_noise_params(
     )
 
 
+def seed_list(seeds: torch.Tensor) -> list[int]:
+    """The int64 seed bit patterns of the schema's ``seeds`` tensor, checked as the C++ ops do."""
+    if not isinstance(seeds, torch.Tensor):
+        raise TypeError(f"seeds must be a tensor, got {type(seeds).__name__}")
+    if seeds.dtype != torch.int64:
+        raise TypeError(f"seeds must be an int64 tensor, got {seeds.dtype}")
+    if seeds.dim() != 1:
+        raise ValueError(f"seeds must be 1-D (S,), got shape {tuple(seeds.shape)}")
+    if seeds.numel() == 0:
+        raise ValueError("seeds must hold at least one seed")
+    return seeds.tolist()
+
+
+def resolve_scale(weight: torch.Tensor, scale: float | None) -> float:
+    """The full scale: ``scale``, or max|weight| as float32 when None (the schema's default)."""
+    from cimext.reference import full_scale
+
+    return full_scale(weight) if scale is None else float(scale)
+
+
 def stream_seeds(seeds: Sequence[int], layer_id: int) -> list[int]:
     """Philox stream seeds splitmix64(s ^ splitmix64(layer_id)) of int64 seed bit patterns."""
     from cimext.reference import stream_seed
@@ -418,12 +438,69 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
         raise TypeError(f"{name} must be a floating tensor, got {weight.dtype}")
 
 
+def check_noise_out(weight: torch.Tensor, n_seeds: int, out) -> None:
+    """``out`` of cimext::noise_out: (S, *weight.shape), weight's dtype and device, no overlap."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a Tensor, got {type(out).__name__}")
+    if out.device != weight.device:
+        raise ValueError(f"out is on {out.device} but weight is on {weight.device}")
+    if out.dtype != weight.dtype:
+        raise TypeError(f"out dtype {out.dtype} must match weight dtype {weight.dtype}")
+    if tuple(out.shape) != (n_seeds, *weight.shape):
+        raise ValueError(
+            f"out must have shape {(n_seeds, *weight.shape)} (seeds, *weight.shape), "
+            f"got {tuple(out.shape)}"
+        )
+    if torch._C._overlaps(out, weight):
+        raise ValueError("out must not overlap weight")
+
+
+def _noise_into(
+    weight, seeds, layer_id, noise_args, verify_mask, out: torch.Tensor | None
+) -> torch.Tensor:
+    check_weight(weight)
+    seeds = seed_list(seeds)
+    mode, scale, *rest = noise_args
+    params = make_noise_params(mode, resolve_scale(weight, scale), *rest, verify_mask is not None)
+    mask = prepare_verify_mask(verify_mask, weight)  # validated even where unused
+    if out is None:
+        out = torch.empty((len(seeds), *weight.shape), dtype=weight.dtype, device=weight.device)
+    else:
+        check_noise_out(weight, len(seeds), out)
+    # A strided out (a slice of a larger buffer) is written through one contiguous copy.
+    dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    n = weight.numel()
+    if params.kind == KIND_NONE or n == 0:
+        dst.zero_()
+    else:
+        w = weight.detach().contiguous()
+        streams = stream_tensor(stream_seeds(seeds, layer_id), weight.device)
+        dev_std = params.dev_std_tensor(weight.device)
+        # Grid axis 1 (the seed) is limited to 65535 on CUDA: launch seeds in chunks.
+        for c0 in range(0, len(seeds), MAX_GRID_YZ):
+            c1 = min(len(seeds), c0 + MAX_GRID_YZ)
+            _noise_kernel[(triton.cdiv(n, NOISE_BLOCK), c1 - c0)](
+                w,
+                w if mask is None else mask,  # unread unless VERIFY == 2
+                streams[c0:c1],
+                dev_std,
+                dst[c0:c1],
+                n,
+                **params.scalars(),
+                **params.constexprs(),
+                BLOCK=NOISE_BLOCK,
+            )
+    if dst is not out:
+        out.copy_(dst)
+    return out
+
+
 def noise(
     weight: torch.Tensor,
-    seeds: Sequence[int],
+    seeds: torch.Tensor,
     layer_id: int,
     mode: int,
-    scale: float,
+    scale: float | None,
     weight_bits: int,
     bits_per_device: int,
     sigma: float,
@@ -434,40 +511,28 @@ def noise(
     verify_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """ΔW for every seed, shape (S, *weight.shape), dtype of weight (schema of cimext::noise)."""
-    check_weight(weight)
-    params = make_noise_params(
-        mode,
-        float(scale),
-        weight_bits,
-        bits_per_device,
-        sigma,
-        level_sigma,
-        verified_sigma,
-        th,
-        verify,
-        verify_mask is not None,
-    )
-    mask = prepare_verify_mask(verify_mask, weight)  # validated even where unused
-    seeds = list(seeds)
-    n = weight.numel()
-    out = torch.zeros((len(seeds), *weight.shape), dtype=weight.dtype, device=weight.device)
-    if params.kind == KIND_NONE or n == 0 or not seeds:
-        return out
-    w = weight.detach().contiguous()
-    streams = stream_tensor(stream_seeds(seeds, layer_id), weight.device)
-    dev_std = params.dev_std_tensor(weight.device)
-    # Grid axis 1 (the seed) is limited to 65535 on CUDA: launch seeds in chunks.
-    for c0 in range(0, len(seeds), MAX_GRID_YZ):
-        c1 = min(len(seeds), c0 + MAX_GRID_YZ)
-        _noise_kernel[(triton.cdiv(n, NOISE_BLOCK), c1 - c0)](
-            w,
-            w if mask is None else mask,  # unread unless VERIFY == 2
-            streams[c0:c1],
-            dev_std,
-            out[c0:c1],
-            n,
-            **params.scalars(),
-            **params.constexprs(),
-            BLOCK=NOISE_BLOCK,
-        )
-    return out
+    noise_args = (mode, scale, weight_bits, bits_per_device, sigma, level_sigma)
+    noise_args += (verified_sigma, th, verify)
+    return _noise_into(weight, seeds, layer_id, noise_args, verify_mask, None)
+
+
+def noise_out(
+    weight: torch.Tensor,
+    seeds: torch.Tensor,
+    layer_id: int,
+    mode: int,
+    scale: float | None,
+    weight_bits: int,
+    bits_per_device: int,
+    sigma: float,
+    level_sigma: Sequence[float],
+    verified_sigma: float,
+    th: float,
+    verify: bool,
+    verify_mask: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """cimext::noise_out: ΔW for every seed written into ``out`` (checked before writing)."""
+    noise_args = (mode, scale, weight_bits, bits_per_device, sigma, level_sigma)
+    noise_args += (verified_sigma, th, verify)
+    _noise_into(weight, seeds, layer_id, noise_args, verify_mask, out)

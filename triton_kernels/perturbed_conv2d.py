@@ -13,7 +13,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .noise import make_noise_params, prepare_verify_mask, stream_seeds
+from .noise import (
+    make_noise_params,
+    prepare_verify_mask,
+    resolve_scale,
+    seed_list,
+    stream_seeds,
+)
 from .perturbed_linear import (
     check_operands,
     kernel_dtype,
@@ -40,10 +46,10 @@ def perturbed_conv2d(
     dilation: Sequence[int],
     groups: int,
     x_stacked: bool,
-    seeds: Sequence[int],
+    seeds: torch.Tensor,
     layer_id: int,
     mode: int,
-    scale: float,
+    scale: float | None,
     weight_bits: int,
     bits_per_device: int,
     sigma: float,
@@ -54,7 +60,7 @@ def perturbed_conv2d(
     verify_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """Stack over seeds of conv2d(x_s, W + δ + ΔW(s), b, ...): shape (S, N, C_out, H, W)."""
-    seeds = list(seeds)
+    seed_tensor, seeds = seeds, seed_list(seeds)
     n_seeds = len(seeds)
     check_operands(x, weight, bias, delta, x_stacked, n_seeds, verify_mask)
     stride, padding, dilation = (
@@ -79,7 +85,7 @@ def perturbed_conv2d(
         raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
     noise_args = (
         mode,
-        float(scale),
+        resolve_scale(weight, scale),
         weight_bits,
         bits_per_device,
         sigma,
@@ -92,7 +98,9 @@ def perturbed_conv2d(
 
     if not kernel_dtype(weight):
         # float64 (gradcheck), interpreted bfloat16: materialize each weight and call torch.
-        ws = perturbed_weight_fallback(weight, delta, seeds, layer_id, noise_args, verify_mask)
+        ws = perturbed_weight_fallback(
+            weight, delta, seed_tensor, layer_id, noise_args, verify_mask
+        )
         return torch.stack(
             [
                 F.conv2d(x[i] if x_stacked else x, w, bias, stride, padding, dilation, groups)

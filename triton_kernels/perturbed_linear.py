@@ -40,6 +40,8 @@ from .noise import (
     noise_tile,
     noise_tile_rows,
     prepare_verify_mask,
+    resolve_scale,
+    seed_list,
     stream_seeds,
 )
 from .philox import stream_tensor
@@ -597,10 +599,10 @@ def perturbed_linear(
     bias: torch.Tensor | None,
     delta: torch.Tensor | None,
     x_stacked: bool,
-    seeds: Sequence[int],
+    seeds: torch.Tensor,
     layer_id: int,
     mode: int,
-    scale: float,
+    scale: float | None,
     weight_bits: int,
     bits_per_device: int,
     sigma: float,
@@ -611,7 +613,7 @@ def perturbed_linear(
     verify_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """Stack over seeds of linear(x_s, W + δ + ΔW(s), b): shape (S, ..., out) (cimext schema)."""
-    seeds = list(seeds)
+    seed_tensor, seeds = seeds, seed_list(seeds)
     check_operands(x, weight, bias, delta, x_stacked, len(seeds), verify_mask)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
@@ -622,7 +624,7 @@ def perturbed_linear(
         raise ValueError(f"bias must have shape ({n_out},), got {tuple(bias.shape)}")
     noise_args = (
         mode,
-        float(scale),
+        resolve_scale(weight, scale),
         weight_bits,
         bits_per_device,
         sigma,
@@ -636,7 +638,9 @@ def perturbed_linear(
 
     if not kernel_dtype(weight):
         # float64 (gradcheck), interpreted bfloat16: materialize each weight and call torch.
-        ws = perturbed_weight_fallback(weight, delta, seeds, layer_id, noise_args, verify_mask)
+        ws = perturbed_weight_fallback(
+            weight, delta, seed_tensor, layer_id, noise_args, verify_mask
+        )
         return torch.stack(
             [F.linear(x[i] if x_stacked else x, w, bias) for i, w in enumerate(ws)]
         ).reshape(len(seeds), *lead, n_out)

@@ -15,7 +15,15 @@ from collections.abc import Callable
 
 import torch
 
-OPS = ("noise", "perturbed_linear", "perturbed_conv2d", "sign_step_", "bitflip", "bitflip_")
+OPS = (
+    "noise",
+    "noise_out",
+    "perturbed_linear",
+    "perturbed_conv2d",
+    "sign_step_",
+    "bitflip",
+    "bitflip_",
+)
 
 try:
     from .. import _C  # noqa: F401  (loads the library: runs TORCH_LIBRARY registrations)
@@ -56,8 +64,14 @@ def _ensure_triton() -> None:
     if not HAS_CPP:
         raise RuntimeError("the triton backend needs the compiled schemas (cimext._C)")
     try:
-        # In-place ops live beside their out-of-place twin: sign_step_ in sign_step.py.
-        mods = {n: importlib.import_module(f"cimext.triton_kernels.{n.rstrip('_')}") for n in OPS}
+        # In-place and out= ops live beside their out-of-place twin: sign_step_ in sign_step.py,
+        # noise_out in noise.py.
+        mods = {
+            n: importlib.import_module(
+                f"cimext.triton_kernels.{n.rstrip('_').removesuffix('_out')}"
+            )
+            for n in OPS
+        }
     except ImportError as e:
         raise RuntimeError(f"the triton backend needs triton installed ({e})") from e
     lib = torch.library.Library("cimext_triton", "DEF")
@@ -122,7 +136,9 @@ def call_differentiable(
     torch.library.register_autograd (which direct torch.ops calls and opcheck use) but costs
     about 150 us less per call, which is most of the overhead on small layers."""
     op = schema_op(name, backend)
-    if backend == "ref" or not torch.is_grad_enabled():
+    if backend == "ref" or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # Under torch.compile the registered autograd kernel is traced instead: the Function
+        # below enters a dispatch guard that the compiler does not trace.
         return op(*args)
     if not any(t is not None and t.requires_grad for t in tensors):
         return op(*args)

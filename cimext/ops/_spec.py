@@ -28,7 +28,7 @@ def check_seed(seed, name: str = "seed") -> int:
 
 
 def check_seeds(seed, seeds) -> tuple[list[int], bool]:
-    """(int64 seed patterns, stacked?) from the ``seed`` / ``seeds`` keywords."""
+    """(int64 seed patterns, stacked?) from the ``seed`` / ``seeds`` keywords, as Python ints."""
     if seeds is None:
         return [check_seed(seed)], False
     if isinstance(seeds, torch.Tensor):
@@ -37,6 +37,35 @@ def check_seeds(seed, seeds) -> tuple[list[int], bool]:
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
     return [check_seed(s, f"seeds[{i}]") for i, s in enumerate(seeds)], True
+
+
+def _seed_tensor_arg(name: str, t: torch.Tensor) -> torch.Tensor:
+    # Integer tensors are taken as they are (int64 values are seed bit patterns): checking their
+    # values would read them back, which a compiled graph cannot do without a break.
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    return t.reshape(-1).to(torch.int64)
+
+
+def seeds_arg(seed, seeds) -> tuple[torch.Tensor, bool]:
+    """The schema's ``seeds`` tensor (int64, (S,), on the CPU unless given as a tensor) and whether
+    the output keeps its seed dimension, from the wrapper keywords ``seed`` / ``seeds``.
+
+    Python ints are range-checked ([0, 2**64)); integer tensors pass through without reading
+    their values (int64 entries are seed bit patterns), so that a compiled graph can take seeds
+    drawn as tensors without a graph break or a recompilation per seed."""
+    if seeds is None:
+        if isinstance(seed, torch.Tensor):
+            if seed.numel() != 1:
+                raise ValueError(f"seed must be a single seed, got shape {tuple(seed.shape)}")
+            return _seed_tensor_arg("seed", seed), False
+        return torch.tensor([check_seed(seed)], dtype=torch.int64), False
+    if isinstance(seeds, torch.Tensor):
+        if seeds.numel() == 0:
+            raise ValueError("seeds must hold at least one seed")
+        return _seed_tensor_arg("seeds", seeds), True
+    checked, _ = check_seeds(0, seeds)
+    return torch.tensor(checked, dtype=torch.int64), True
 
 
 def check_layer_id(layer_id) -> int:
@@ -70,7 +99,7 @@ class NoiseSpec:
     th: float = 0.0
     verify: bool = False
 
-    def args(self, scale: float, verify_mask) -> tuple:
+    def args(self, scale: float | None, verify_mask) -> tuple:
         """Positional schema arguments after (seeds, layer_id)."""
         return (
             self.mode,
@@ -114,11 +143,16 @@ def make_spec(device=None, rcg=None, gaussian=None) -> NoiseSpec:
     return NoiseSpec()
 
 
-def check_scale(weight: torch.Tensor, scale) -> float:
-    """The full scale s_l: ``scale`` if given, else max|W| (detached)."""
+def check_scale(scale) -> float | None:
+    """The schema's full scale: None (the op computes max|W| itself) or a number >= 0.
+
+    A tensor is read back as a Python number (a host sync on a GPU, a graph break under
+    torch.compile); leave ``scale`` None on hot paths."""
     if scale is None:
-        return ref.full_scale(weight)
+        return None
     if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a single number, got shape {tuple(scale.shape)}")
         scale = float(scale.detach())
     return check_nonnegative("scale", scale)
 
@@ -143,8 +177,10 @@ def check_verify_mask(mask, weight: torch.Tensor):
     return mask
 
 
-def seeds_as_uint(seeds: Sequence[int]) -> list[int]:
-    """int64 bit patterns back to seeds in [0, 2**64)."""
+def seeds_as_uint(seeds: Sequence[int] | torch.Tensor) -> list[int]:
+    """int64 bit patterns (a list or the schema's tensor) back to seeds in [0, 2**64)."""
+    if isinstance(seeds, torch.Tensor):
+        seeds = seeds.tolist()
     return [s & (MAX_SEED - 1) for s in seeds]
 
 
@@ -172,10 +208,10 @@ def prepare_call(
         if t is not None:
             check_tensor(name, t, like=weight)
     spec = make_spec(device=device, rcg=rcg, gaussian=gaussian)
-    seed_list, stacked = check_seeds(seed, seeds)
+    seed_t, stacked = seeds_arg(seed, seeds)
     if x_stacked and not stacked:
         raise ValueError("x_stacked=True needs seeds=[...] (one slice of x per seed)")
     layer_id = check_layer_id(layer_id)
     verify_mask = check_verify_mask(verify_mask, weight)
-    s = check_scale(weight, scale)
-    return stacked, (bool(x_stacked), seed_list, layer_id, *spec.args(s, verify_mask))
+    s = check_scale(scale)
+    return stacked, (bool(x_stacked), seed_t, layer_id, *spec.args(s, verify_mask))

@@ -19,10 +19,15 @@ def noise(
     verify_mask: torch.Tensor | None = None,
     scale: float | None = None,
     seeds=None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ΔW of ``weight`` under DeviceModel ``device`` for ``seed`` (or (S, ...) for ``seeds``)."""
+    """ΔW of ``weight`` under DeviceModel ``device`` for ``seed`` (or (S, ...) for ``seeds``).
+
+    ``scale`` is the full scale s_l (None: max|W|). ``out``: a tensor of the result's shape and
+    weight's dtype and device to write into (reused buffers avoid fresh allocations of large
+    ΔW); it is checked before anything is written and returned."""
     spec = _spec.make_spec(device=device)
-    return _noise(weight, spec, seed, seeds, layer_id, verify_mask, scale)
+    return _noise(weight, spec, seed, seeds, layer_id, verify_mask, scale, out)
 
 
 def rcg_noise(
@@ -34,31 +39,61 @@ def rcg_noise(
     *,
     scale: float | None = None,
     seeds=None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Right-censored Gaussian ΔW = s·sigma·min(ε, th) (TRICE, eq. 11)."""
+    """Right-censored Gaussian ΔW = s·sigma·min(ε, th) (TRICE, eq. 11); ``out`` as in noise."""
     spec = _spec.make_spec(rcg=(sigma, th))
-    return _noise(weight, spec, seed, seeds, layer_id, None, scale)
+    return _noise(weight, spec, seed, seeds, layer_id, None, scale, out)
 
 
 def gaussian_noise(
-    weight: torch.Tensor, sigma: float, seed: int = 0, layer_id: int = 0, *, scale=None, seeds=None
+    weight: torch.Tensor,
+    sigma: float,
+    seed: int = 0,
+    layer_id: int = 0,
+    *,
+    scale=None,
+    seeds=None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain Gaussian ΔW = s·sigma·ε."""
+    """Plain Gaussian ΔW = s·sigma·ε; ``out`` as in noise."""
     spec = _spec.make_spec(gaussian=sigma)
-    return _noise(weight, spec, seed, seeds, layer_id, None, scale)
+    return _noise(weight, spec, seed, seeds, layer_id, None, scale, out)
 
 
-def _noise(weight, spec, seed, seeds, layer_id, verify_mask, scale) -> torch.Tensor:
+def check_out(out, weight: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """A clear error unless ``out`` can receive ΔW of ``weight`` with result shape ``shape``."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.device != weight.device:
+        raise ValueError(f"out is on {out.device} but weight is on {weight.device}")
+    if out.dtype != weight.dtype:
+        raise TypeError(f"out dtype {out.dtype} must match weight dtype {weight.dtype}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("out requires grad: noise(out=...) does not support autograd")
+    if torch._C._overlaps(out, weight):
+        raise ValueError("out must not overlap weight")
+
+
+def _noise(weight, spec, seed, seeds, layer_id, verify_mask, scale, out) -> torch.Tensor:
     _spec.check_tensor("weight", weight)
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
-    seed_list, stacked = _spec.check_seeds(seed, seeds)
+    seed_t, stacked = _spec.seeds_arg(seed, seeds)
     layer_id = _spec.check_layer_id(layer_id)
     verify_mask = _spec.check_verify_mask(verify_mask, weight)
-    s = _spec.check_scale(weight, scale)
+    s = _spec.check_scale(scale)
     w = weight.detach()
-    out = schema_op("noise", resolve(w.device))(w, seed_list, layer_id, *spec.args(s, verify_mask))
-    return out if stacked else out[0]
+    args = (w, seed_t, layer_id, *spec.args(s, verify_mask))
+    if out is None:
+        res = schema_op("noise", resolve(w.device))(*args)
+        return res if stacked else res[0]
+    shape = (seed_t.shape[0], *w.shape) if stacked else tuple(w.shape)
+    check_out(out, w, shape)
+    schema_op("noise_out", resolve(w.device))(*args, out if stacked else out.unsqueeze(0))
+    return out
 
 
 def noise_ref(
@@ -99,9 +134,26 @@ def noise_ref(
     )
 
 
+def noise_out_ref(weight, seeds, layer_id, *args) -> None:
+    """The reference noise_out: the same checks as the kernels, then one copy into ``out``."""
+    *noise_args, out = args
+    check_out(out, weight, (len(seeds), *weight.shape))
+    out.copy_(noise_ref(weight, seeds, layer_id, *noise_args))
+
+
 def _noise_fake(weight, seeds, *args):
-    return weight.new_empty((len(seeds), *weight.shape))
+    return weight.new_empty((seeds.shape[0], *weight.shape))
+
+
+def _noise_out_fake(weight, seeds, *args) -> None:
+    return None
+
+
+def _register(namespace: str) -> None:
+    torch.library.register_fake(f"{namespace}::noise", _noise_fake)
+    torch.library.register_fake(f"{namespace}::noise_out", _noise_out_fake)
 
 
 register_ref("noise", noise_ref)
-on_namespace(lambda ns: torch.library.register_fake(f"{ns}::noise", _noise_fake))
+register_ref("noise_out", noise_out_ref)
+on_namespace(_register)

@@ -126,7 +126,7 @@ def _fake(x, weight, bias, delta, stride, padding, dilation, groups, x_stacked, 
     xs = x.shape[1:] if x_stacked else x.shape
     h = _out_size(xs[2], weight.shape[2], stride[0], padding[0], dilation[0])
     w = _out_size(xs[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    return x.new_empty((len(seeds), xs[0], weight.shape[0], h, w))
+    return x.new_empty((seeds.shape[0], xs[0], weight.shape[0], h, w))
 
 
 def _setup_context(ctx, inputs, output):
@@ -134,26 +134,17 @@ def _setup_context(ctx, inputs, output):
         :11
     ]
     noise_args = inputs[11:]
-    ctx.save_for_backward(x, weight, delta, noise_args[-1])
+    ctx.save_for_backward(x, weight, delta, noise_args[-1], seeds)
     ctx.has_bias = bias is not None
-    ctx.meta = (
-        stride,
-        padding,
-        dilation,
-        groups,
-        x_stacked,
-        seeds,
-        layer_id,
-        tuple(noise_args[:-1]),
-    )
+    ctx.meta = (stride, padding, dilation, groups, x_stacked, layer_id, tuple(noise_args[:-1]))
 
 
 def _make_backward(namespace: str):
     def backward(ctx, gy):
-        x, weight, delta, mask = ctx.saved_tensors
-        stride, padding, dilation, groups, x_stacked, seeds, layer_id, noise_args = ctx.meta
+        x, weight, delta, mask, seeds = ctx.saved_tensors
+        stride, padding, dilation, groups, x_stacked, layer_id, noise_args = ctx.meta
         conv_args = (stride, padding, dilation, False, [0, 0], groups)
-        S = len(seeds)
+        S = seeds.shape[0]
         need_x = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
         # With one instance or a stacked input, each instance's call computes its input and

@@ -103,21 +103,21 @@ register_ref("perturbed_linear", _ref_impl)
 
 def _fake(x, weight, bias, delta, x_stacked, seeds, *args):
     batch = x.shape[1:-1] if x_stacked else x.shape[:-1]
-    return x.new_empty((len(seeds), *batch, weight.shape[0]))
+    return x.new_empty((seeds.shape[0], *batch, weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, delta, x_stacked, seeds, layer_id, *noise_args = inputs
-    ctx.save_for_backward(x, weight, delta, noise_args[-1])
+    ctx.save_for_backward(x, weight, delta, noise_args[-1], seeds)
     ctx.has_bias = bias is not None
-    ctx.meta = (x_stacked, seeds, layer_id, tuple(noise_args[:-1]))
+    ctx.meta = (x_stacked, layer_id, tuple(noise_args[:-1]))
 
 
 def _make_backward(namespace: str):
     def backward(ctx, gy):
-        x, weight, delta, mask = ctx.saved_tensors
-        x_stacked, seeds, layer_id, noise_args = ctx.meta
-        S, (out_f, in_f) = len(seeds), weight.shape
+        x, weight, delta, mask, seeds = ctx.saved_tensors
+        x_stacked, layer_id, noise_args = ctx.meta
+        S, (out_f, in_f) = seeds.shape[0], weight.shape
         gy2 = gy.reshape(S, -1, out_f)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:

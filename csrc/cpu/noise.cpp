@@ -1,5 +1,7 @@
 // cimext::noise on CPU: ΔW of a weight for every seed, shape (S, *weight.shape).
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include "noise_common.h"
@@ -7,21 +9,11 @@
 namespace cimext::cpu {
 namespace {
 
-at::Tensor noise_cpu(const at::Tensor& weight, at::IntArrayRef seeds, int64_t layer_id,
-                     int64_t mode, double scale, int64_t weight_bits, int64_t bits_per_device,
-                     double sigma, at::ArrayRef<double> level_sigma, double verified_sigma,
-                     double th, bool verify, const std::optional<at::Tensor>& verify_mask) {
-  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
-              "noise: weight must be float32 or float64 on CPU, got ", weight.scalar_type());
-  const NoiseSpec spec = make_spec("noise", weight, seeds, layer_id, mode, scale, weight_bits,
-                                   bits_per_device, sigma, level_sigma, verified_sigma, th, verify,
-                                   verify_mask);
+// Writes ΔW for every seed into `out`, a contiguous (S, *weight.shape) tensor of weight's dtype.
+void noise_into(const NoiseSpec& spec, const at::Tensor& weight, at::Tensor& out) {
   const at::Tensor w = weight.contiguous();
   const int64_t S = static_cast<int64_t>(spec.seeds.size()), n = w.numel();
-  std::vector<int64_t> shape{S};
-  shape.insert(shape.end(), weight.sizes().begin(), weight.sizes().end());
-  at::Tensor out = at::empty(shape, weight.options());
-  if (n == 0) return out;
+  if (n == 0) return;
   const uint8_t* mask = spec.verify_mask.defined()
                             ? reinterpret_cast<const uint8_t*>(spec.verify_mask.data_ptr())
                             : nullptr;
@@ -40,7 +32,92 @@ at::Tensor noise_cpu(const at::Tensor& weight, at::IntArrayRef seeds, int64_t la
       }
     });
   });
+}
+
+void check_weight(const at::Tensor& weight) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
+              "noise: weight must be float32 or float64 on CPU, got ", weight.scalar_type());
+}
+
+at::Tensor noise_cpu(const at::Tensor& weight, const at::Tensor& seeds, int64_t layer_id,
+                     int64_t mode, std::optional<double> scale, int64_t weight_bits,
+                     int64_t bits_per_device, double sigma, at::ArrayRef<double> level_sigma,
+                     double verified_sigma, double th, bool verify,
+                     const std::optional<at::Tensor>& verify_mask) {
+  check_weight(weight);
+  const NoiseSpec spec = make_spec("noise", weight, seeds, layer_id, mode, scale, weight_bits,
+                                   bits_per_device, sigma, level_sigma, verified_sigma, th, verify,
+                                   verify_mask);
+  std::vector<int64_t> shape{static_cast<int64_t>(spec.seeds.size())};
+  shape.insert(shape.end(), weight.sizes().begin(), weight.sizes().end());
+  at::Tensor out = at::empty(shape, weight.options());
+  noise_into(spec, weight, out);
   return out;
+}
+
+}  // namespace
+
+// Shared with csrc/cuda/noise.cu: `out` must be (S, *weight.shape), of weight's dtype and device.
+void check_noise_out(const at::Tensor& weight, int64_t n_seeds, const at::Tensor& out) {
+  TORCH_CHECK(out.device() == weight.device(), "noise: out is on ", out.device(),
+              " but weight is on ", weight.device());
+  TORCH_CHECK(out.scalar_type() == weight.scalar_type(), "noise: out dtype ", out.scalar_type(),
+              " must match weight dtype ", weight.scalar_type());
+  std::vector<int64_t> shape{n_seeds};
+  shape.insert(shape.end(), weight.sizes().begin(), weight.sizes().end());
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(shape), "noise: out must have shape ",
+              at::IntArrayRef(shape), " (seeds, *weight.shape), got ", out.sizes());
+  // Later seeds read the weight after earlier ones were written: out must not share its memory.
+  TORCH_CHECK(at::get_overlap_status(out, weight) == at::MemOverlapStatus::No,
+              "noise: out must not overlap weight");
+}
+
+namespace {
+
+void noise_out_cpu(const at::Tensor& weight, const at::Tensor& seeds, int64_t layer_id,
+                   int64_t mode, std::optional<double> scale, int64_t weight_bits,
+                   int64_t bits_per_device, double sigma, at::ArrayRef<double> level_sigma,
+                   double verified_sigma, double th, bool verify,
+                   const std::optional<at::Tensor>& verify_mask, at::Tensor out) {
+  check_weight(weight);
+  const NoiseSpec spec = make_spec("noise", weight, seeds, layer_id, mode, scale, weight_bits,
+                                   bits_per_device, sigma, level_sigma, verified_sigma, th, verify,
+                                   verify_mask);
+  check_noise_out(weight, static_cast<int64_t>(spec.seeds.size()), out);
+  if (out.is_contiguous()) {
+    noise_into(spec, weight, out);
+  } else {
+    // A strided out (a slice of a larger buffer) gets the values through one contiguous copy.
+    at::Tensor tmp = at::empty(out.sizes(), out.options());
+    noise_into(spec, weight, tmp);
+    out.copy_(tmp);
+  }
+}
+
+// Every backend: bump out's version counter, as ATen's out= ops do, so that autograd notices an
+// overwritten tensor that was saved for backward.
+void noise_out_ad_inplace_or_view(c10::DispatchKeySet keys, const at::Tensor& weight,
+                                  const at::Tensor& seeds, int64_t layer_id, int64_t mode,
+                                  std::optional<double> scale, int64_t weight_bits,
+                                  int64_t bits_per_device, double sigma,
+                                  at::ArrayRef<double> level_sigma, double verified_sigma,
+                                  double th, bool verify,
+                                  const std::optional<at::Tensor>& verify_mask, at::Tensor out) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("cimext::noise_out", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                      std::optional<double>, int64_t, int64_t, double, at::ArrayRef<double>,
+                      double, double, bool, const std::optional<at::Tensor>&, at::Tensor)>();
+  TORCH_CHECK(!out.is_inference(), "noise: out is an inference tensor; writing into it is only "
+              "allowed inside torch.inference_mode()");
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, weight, seeds, layer_id, mode, scale,
+                  weight_bits, bits_per_device, sigma, level_sigma, verified_sigma, th, verify,
+                  verify_mask, out);
+  }
+  torch::autograd::impl::bump_version(out);
 }
 
 int64_t set_cpu_simd(int64_t level) {
@@ -79,7 +156,14 @@ at::Tensor philox_uniforms(int64_t stream, int64_t j0, int64_t n) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cimext, CPU, m) { m.impl("noise", &noise_cpu); }
+TORCH_LIBRARY_IMPL(cimext, CPU, m) {
+  m.impl("noise", &noise_cpu);
+  m.impl("noise_out", &noise_out_cpu);
+}
+
+TORCH_LIBRARY_IMPL(cimext, ADInplaceOrView, m) {
+  m.impl("noise_out", TORCH_FN(noise_out_ad_inplace_or_view));
+}
 
 TORCH_LIBRARY_IMPL(cimext, CompositeExplicitAutograd, m) {
   m.impl("_set_cpu_simd", &set_cpu_simd);

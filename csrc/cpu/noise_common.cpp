@@ -52,12 +52,28 @@ void fill_normals(uint64_t stream, uint64_t j0, int64_t n, float* out) {
   fill_normals_scalar(stream, j0, n, out);
 }
 
-NoiseSpec make_spec(const char* what, const at::Tensor& weight, at::IntArrayRef seeds,
-                    int64_t layer_id, int64_t mode, double scale, int64_t weight_bits,
-                    int64_t bits_per_device, double sigma, at::ArrayRef<double> level_sigma,
-                    double verified_sigma, double th, bool verify,
-                    const std::optional<at::Tensor>& verify_mask) {
-  TORCH_CHECK(!seeds.empty(), what, ": seeds must hold at least one seed");
+double full_scale(const at::Tensor& weight) {
+  if (weight.numel() == 0) return 0.0;
+  // Below autograd: an implementation detail of the op, never recorded.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  // aminmax is one pass with no temporary, unlike abs().max().
+  const auto [lo, hi] = at::aminmax(weight.detach());
+  return at::maximum(lo.neg(), hi).to(at::kFloat).item<double>();
+}
+
+NoiseSpec make_spec(const char* what, const at::Tensor& weight, const at::Tensor& seeds,
+                    int64_t layer_id, int64_t mode, std::optional<double> scale_opt,
+                    int64_t weight_bits, int64_t bits_per_device, double sigma,
+                    at::ArrayRef<double> level_sigma, double verified_sigma, double th,
+                    bool verify, const std::optional<at::Tensor>& verify_mask) {
+  TORCH_CHECK(seeds.defined(), what, ": seeds must be a tensor");
+  TORCH_CHECK(seeds.scalar_type() == at::kLong, what, ": seeds must be an int64 tensor, got ",
+              seeds.scalar_type());
+  TORCH_CHECK(seeds.dim() == 1, what, ": seeds must be 1-D (S,), got shape ", seeds.sizes());
+  TORCH_CHECK(seeds.numel() > 0, what, ": seeds must hold at least one seed");
+  TORCH_CHECK(seeds.is_cpu() || seeds.device() == weight.device(), what, ": seeds is on ",
+              seeds.device(), " but must be on the CPU or on weight's device ", weight.device());
+  const double scale = scale_opt.has_value() ? *scale_opt : full_scale(weight);
   TORCH_CHECK(mode >= kNoiseNone && mode <= kNoiseRcg, what, ": mode must be 0 (none), 1 (gaussian), ",
               "2 (device) or 3 (rcg), got ", mode);
   TORCH_CHECK(std::isfinite(scale) && scale >= 0, what, ": scale must be finite and >= 0, got ", scale);
@@ -92,8 +108,11 @@ NoiseSpec make_spec(const char* what, const at::Tensor& weight, at::IntArrayRef 
                                     sigma, level_sigma.data(), static_cast<int>(level_sigma.size()),
                                     verified_sigma, th, verify, verify_mask.has_value());
   TORCH_CHECK(ok, what, ": invalid device model");
-  spec.seeds.reserve(seeds.size());
-  for (int64_t s : seeds) spec.seeds.push_back(static_cast<uint64_t>(s));
+  // Seeds on a GPU are read back once here (a small blocking copy); the CPU is where callers
+  // normally keep them.
+  const at::Tensor seeds_cpu = seeds.to(at::kCPU).contiguous();
+  const int64_t* sp = seeds_cpu.const_data_ptr<int64_t>();
+  spec.seeds.assign(sp, sp + seeds_cpu.numel());
   spec.layer_id = static_cast<uint64_t>(layer_id);
   return spec;
 }

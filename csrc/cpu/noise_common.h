@@ -27,11 +27,21 @@ struct NoiseSpec {
   uint64_t layer_id;
   at::Tensor verify_mask;  // undefined, or uint8/bool contiguous with weight.numel() elements
 };
-NoiseSpec make_spec(const char* what, const at::Tensor& weight, at::IntArrayRef seeds,
-                    int64_t layer_id, int64_t mode, double scale, int64_t weight_bits,
+// seeds: 1-D int64 tensor on the CPU or weight's device; scale: nullopt computes full_scale.
+NoiseSpec make_spec(const char* what, const at::Tensor& weight, const at::Tensor& seeds,
+                    int64_t layer_id, int64_t mode, std::optional<double> scale,
+                    int64_t weight_bits,
                     int64_t bits_per_device, double sigma, at::ArrayRef<double> level_sigma,
                     double verified_sigma, double th, bool verify,
                     const std::optional<at::Tensor>& verify_mask);
+
+// s_l = max|weight| rounded to float32 (0 for an empty weight), as reference.full_scale. On a
+// CUDA weight this reads one number back to the host.
+double full_scale(const at::Tensor& weight);
+
+// Checks of noise_out's `out` against weight and the number of seeds (shape, dtype, device,
+// no overlap with weight); every backend calls it before writing.
+void check_noise_out(const at::Tensor& weight, int64_t n_seeds, const at::Tensor& out);
 
 // out[k] = (base ? w[i0+k] + delta[i0+k] : 0) + ΔW(i0 + k) for k in [0, n): a contiguous flat
 // range of the weight. scalar_t is float or double; noise is float32 math.

@@ -31,11 +31,11 @@ int64_t tile_rows(int64_t out_features, int64_t in_features) {
 at::Tensor perturbed_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias,
                                 const std::optional<at::Tensor>& delta, bool x_stacked,
-                                at::IntArrayRef seeds, int64_t layer_id, int64_t mode,
-                                double scale, int64_t weight_bits, int64_t bits_per_device,
-                                double sigma, at::ArrayRef<double> level_sigma,
-                                double verified_sigma, double th, bool verify,
-                                const std::optional<at::Tensor>& verify_mask) {
+                                const at::Tensor& seeds, int64_t layer_id, int64_t mode,
+                                std::optional<double> scale, int64_t weight_bits,
+                                int64_t bits_per_device, double sigma,
+                                at::ArrayRef<double> level_sigma, double verified_sigma, double th,
+                                bool verify, const std::optional<at::Tensor>& verify_mask) {
   // The ATen calls below are implementation details: keep autograd out of them.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_operands("perturbed_linear", x, weight, bias, delta);

@@ -1,6 +1,6 @@
 // cimext::noise on CUDA: ΔW of a weight for every seed, shape (S, *weight.shape), in one launch.
-// Also defines the operand checks and the W + δ + ΔW launcher that perturbed_linear.cu and
-// perturbed_conv2d.cu share (declared at their top).
+// Also defines the operand checks and the row-tile launcher that perturbed_linear.cu and
+// perturbed_conv2d.cu share (declared in perturbed_tiles.cuh).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,6 +12,7 @@
 
 #include "../cpu/noise_common.h"  // make_spec: one validation of the noise arguments everywhere
 #include "../kernels/noise_cuda.cuh"
+#include "perturbed_tiles.cuh"
 
 namespace cimext::cuda {
 namespace {
@@ -47,21 +48,11 @@ void check_like_weight(const char* what, const char* name, const at::Tensor& t,
               t.scalar_type(), " must match weight dtype ", weight.scalar_type());
 }
 
-at::Tensor noise_cuda(const at::Tensor& weight, at::IntArrayRef seeds, int64_t layer_id,
-                      int64_t mode, double scale, int64_t weight_bits, int64_t bits_per_device,
-                      double sigma, at::ArrayRef<double> level_sigma, double verified_sigma,
-                      double th, bool verify, const std::optional<at::Tensor>& verify_mask) {
-  check_weight("noise", weight);
-  const cpu::NoiseSpec spec =
-      cpu::make_spec("noise", weight, seeds, layer_id, mode, scale, weight_bits, bits_per_device,
-                     sigma, level_sigma, verified_sigma, th, verify, verify_mask);
-  const c10::cuda::CUDAGuard guard(weight.device());
+// Writes ΔW for every seed into `out`, a contiguous (S, *weight.shape) tensor like weight.
+void noise_into(const cpu::NoiseSpec& spec, const at::Tensor& weight, at::Tensor& out) {
   const at::Tensor w = weight.contiguous();
   const int64_t S = static_cast<int64_t>(spec.seeds.size()), n = w.numel();
-  std::vector<int64_t> shape{S};
-  shape.insert(shape.end(), weight.sizes().begin(), weight.sizes().end());
-  at::Tensor out = at::empty(shape, w.options());
-  if (n == 0) return out;
+  if (n == 0) return;
   // The stream seeds go to the device in one small blocking copy so that one launch covers every
   // instance; int64 holds the uint64 bit patterns.
   std::vector<int64_t> streams(S);
@@ -75,7 +66,43 @@ at::Tensor noise_cuda(const at::Tensor& weight, at::IntArrayRef seeds, int64_t l
         spec.params, sp, S, in_ptr<scalar_t>(w), mask_ptr(spec.verify_mask), n,
         out_ptr<scalar_t>(out), c10::cuda::getCurrentCUDAStream()));
   });
+}
+
+at::Tensor noise_cuda(const at::Tensor& weight, const at::Tensor& seeds, int64_t layer_id,
+                      int64_t mode, std::optional<double> scale, int64_t weight_bits,
+                      int64_t bits_per_device, double sigma, at::ArrayRef<double> level_sigma,
+                      double verified_sigma, double th, bool verify,
+                      const std::optional<at::Tensor>& verify_mask) {
+  check_weight("noise", weight);
+  const cpu::NoiseSpec spec =
+      cpu::make_spec("noise", weight, seeds, layer_id, mode, scale, weight_bits, bits_per_device,
+                     sigma, level_sigma, verified_sigma, th, verify, verify_mask);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  std::vector<int64_t> shape{static_cast<int64_t>(spec.seeds.size())};
+  shape.insert(shape.end(), weight.sizes().begin(), weight.sizes().end());
+  at::Tensor out = at::empty(shape, weight.options());
+  noise_into(spec, weight, out);
   return out;
+}
+
+void noise_out_cuda(const at::Tensor& weight, const at::Tensor& seeds, int64_t layer_id,
+                    int64_t mode, std::optional<double> scale, int64_t weight_bits,
+                    int64_t bits_per_device, double sigma, at::ArrayRef<double> level_sigma,
+                    double verified_sigma, double th, bool verify,
+                    const std::optional<at::Tensor>& verify_mask, at::Tensor out) {
+  check_weight("noise", weight);
+  const cpu::NoiseSpec spec =
+      cpu::make_spec("noise", weight, seeds, layer_id, mode, scale, weight_bits, bits_per_device,
+                     sigma, level_sigma, verified_sigma, th, verify, verify_mask);
+  cpu::check_noise_out(weight, static_cast<int64_t>(spec.seeds.size()), out);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (out.is_contiguous()) {
+    noise_into(spec, weight, out);
+  } else {
+    at::Tensor tmp = at::empty(out.sizes(), out.options());
+    noise_into(spec, weight, tmp);
+    out.copy_(tmp);
+  }
 }
 
 }  // namespace
@@ -96,16 +123,29 @@ void check_operands(const char* what, const at::Tensor& x, const at::Tensor& wei
   }
 }
 
-void perturbed_weight_cuda(const NoiseParams& p, uint64_t stream, const at::Tensor& w,
-                           const at::Tensor& delta, const at::Tensor& mask, at::Tensor& out) {
+static_assert(kMaxChunk <= kMaxRangeStreams, "a chunk's seeds must fit in one launch");
+
+void perturbed_range_cuda(const NoiseParams& p, const uint64_t* streams, int64_t count,
+                          const at::Tensor& w, const at::Tensor& delta, const at::Tensor& mask,
+                          int64_t i0, int64_t n, at::Tensor& out) {
+  TORCH_CHECK(count >= 1 && count <= kMaxRangeStreams, "perturbed_range_cuda: ", count,
+              " instances in one launch (at most ", kMaxRangeStreams, ")");
+  TORCH_CHECK(out.is_contiguous() && out.numel() >= count * n,
+              "perturbed_range_cuda: the scratch is too small or not contiguous");
+  RangeStreams rs;
+  rs.count = count;
+  for (int64_t c = 0; c < count; ++c) rs.seed[c] = streams[c];
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, w.scalar_type(), "perturbed_weight_cuda", [&] {
-        C10_CUDA_CHECK(launch_perturbed_weight<typename CudaType<scalar_t>::type>(
-            p, stream, in_ptr<scalar_t>(w), in_ptr<scalar_t>(delta), mask_ptr(mask), w.numel(),
+      at::kHalf, at::kBFloat16, w.scalar_type(), "perturbed_range_cuda", [&] {
+        C10_CUDA_CHECK(launch_perturbed_range<typename CudaType<scalar_t>::type>(
+            p, rs, in_ptr<scalar_t>(w), in_ptr<scalar_t>(delta), mask_ptr(mask), i0, n,
             out_ptr<scalar_t>(out), c10::cuda::getCurrentCUDAStream()));
       });
 }
 
-TORCH_LIBRARY_IMPL(cimext, CUDA, m) { m.impl("noise", &noise_cuda); }
+TORCH_LIBRARY_IMPL(cimext, CUDA, m) {
+  m.impl("noise", &noise_cuda);
+  m.impl("noise_out", &noise_out_cuda);
+}
 
 }  // namespace cimext::cuda
