@@ -126,18 +126,20 @@ fi
 if ((built == 0)); then
   for s in test-cuda test-triton bench; do skip "$s" "no compiled extension (both builds failed)"; done
 else
+# Tests run in parallel processes where pytest-xdist is installed (Triton compiles on the CPU).
+xdist=""
+if [[ "$DRY" != 1 ]] && $PY -c 'import xdist' 2> /dev/null; then xdist="-n 8"; fi
+
 # 3. The CUDA tests (CUDA kernels and compiled Triton against the CPU kernels and the reference).
 # Autotuning is off in tests: one configuration per kernel variant keeps compile time down.
 if [[ "$DRY" == 1 ]]; then
   step test-cuda 90 140 "CIMEXT_TRITON_AUTOTUNE=0 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py"
 else
-  step test-cuda 90 140 "CIMEXT_TRITON_AUTOTUNE=0 $PY -m pytest -q -rfE -m cuda -p no:cacheprovider tests/"
+  step test-cuda 90 140 "CIMEXT_TRITON_AUTOTUNE=0 $PY -m pytest -q -rfE -m cuda -p no:cacheprovider $xdist tests/"
 fi
 
 # 4. The Triton kernel tests, compiled for the GPU (tests/test_triton_kernels.py puts its tensors
-# on the GPU when there is one); in parallel where pytest-xdist is installed.
-xdist=""
-if [[ "$DRY" != 1 ]] && $PY -c 'import xdist' 2> /dev/null; then xdist="-n 8"; fi
+# on the GPU when there is one).
 if [[ "$DRY" == 1 ]]; then
   step test-triton 120 100 "$PY -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k 'uniforms_bit_identical or prune'"
 else

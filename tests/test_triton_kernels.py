@@ -306,8 +306,9 @@ def test_autotuned_launch(monkeypatch, path):
     monkeypatch.setattr(linear_mod, "autotuned", lambda device: True)
     monkeypatch.setattr(linear_mod, "FORCE_PATH", path)
     gen = torch.Generator().manual_seed(11)
-    x, w = torch.randn(40, 64, generator=gen), torch.randn(20, 64, generator=gen)
-    bias = torch.randn(20, generator=gen)
+    # M = 40 and N = 200 leave two matmul configurations (BLOCK_M 64; BLOCK_N 64 or 128).
+    x, w = torch.randn(40, 64, generator=gen), torch.randn(200, 64, generator=gen)
+    bias = torch.randn(200, generator=gen)
     out, ref = run_linear(x, w, bias, None, False, [5, 6], 1, "device_fast")
     assert_rel(out, ref, 1e-4)
     assert timed, "the autotuner benchmarked no configuration"
@@ -320,9 +321,12 @@ def test_prune_keeps_fitting_configs():
     small = linear_mod._prune_mm(configs, dict(m_bucket=8, N=10, K=12))
     assert [c.kwargs["BLOCK_M"] for c in small] == [16]
     big = linear_mod._prune_mm(configs, dict(m_bucket=4096, N=4096, K=4096))
-    assert big == configs
-    mid = linear_mod._prune_mm(configs, dict(m_bucket=64, N=4096, K=4096))
-    assert {c.kwargs["BLOCK_M"] for c in mid} == {16, 32, 64}
+    assert {c.kwargs["BLOCK_M"] for c in big} == {64, 128}
+    assert len(big) == len([c for c in configs if c.kwargs["BLOCK_M"] >= 64])
+    mid = linear_mod._prune_mm(configs, dict(m_bucket=32, N=4096, K=4096))
+    assert {c.kwargs["BLOCK_M"] for c in mid} == {32}
+    narrow = linear_mod._prune_mm(configs, dict(m_bucket=64, N=16, K=4096))
+    assert {c.kwargs["BLOCK_N"] for c in narrow} == {64}
 
 
 def test_force_path_rejects_unknown(monkeypatch):

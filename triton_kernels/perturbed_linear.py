@@ -328,14 +328,16 @@ def _mm_configs() -> list[triton.Config]:
 
 
 def _prune_mm(configs, named_args, **kwargs):
-    """Drop configurations whose tiles are far larger than the problem (keep at least one)."""
+    """Keep the configurations whose tiles fit the problem: BLOCK_M within [min(M, 64), M] (the
+    narrow M tiles only for small batches), BLOCK_N and BLOCK_K no larger than needed. Fewer
+    candidates also means fewer compiles on the first call (at least one is kept)."""
     m = max(16, triton.next_power_of_2(int(named_args["m_bucket"])))
     n = max(16, triton.next_power_of_2(int(named_args["N"])))
     k = max(16, triton.next_power_of_2(int(named_args["K"])))
     kept = [
         c
         for c in configs
-        if c.kwargs["BLOCK_M"] <= m
+        if min(m, 64) <= c.kwargs["BLOCK_M"] <= m
         and c.kwargs["BLOCK_N"] <= max(64, n)
         and c.kwargs["BLOCK_K"] <= k
     ]
@@ -345,7 +347,7 @@ def _prune_mm(configs, named_args, **kwargs):
 def _rows_configs() -> list[triton.Config]:
     return [
         triton.Config(dict(BLOCK_R=r, BLOCK_K=k), num_warps=w)
-        for r, k, w in [(32, 128, 4), (64, 64, 4), (16, 256, 4), (64, 128, 8)]
+        for r, k, w in [(32, 128, 4), (64, 64, 4)]
     ]
 
 
