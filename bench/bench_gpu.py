@@ -395,7 +395,14 @@ def environment(device: torch.device) -> dict:
         env["cuda_kernels_built"] = torch._C._dispatch_has_kernel_for_dispatch_key(
             "cimext::perturbed_linear", "CUDA"
         )
-        env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        # float32 GEMMs are timed as torch runs them by default (IEEE, no TF32); record which.
+        matmul = torch.backends.cuda.matmul
+        try:
+            env["fp32_matmul"] = getattr(matmul, "fp32_precision", None) or (
+                "tf32" if matmul.allow_tf32 else "ieee"
+            )
+        except Exception as e:  # the setting's API moved between torch versions
+            env["fp32_matmul"] = f"unknown ({type(e).__name__})"
     else:
         env["threads"] = torch.get_num_threads()
     return env

@@ -104,10 +104,6 @@ step env 30 420 "
   $PY -c 'import triton; print(\"triton\", triton.__version__)' || echo 'no triton'
 "
 
-# The package maps cimext.triton_kernels to triton_kernels/; a checkout has only the git-ignored
-# link for in-place runs, which the tests and the benchmark use from the repository root.
-[[ -e cimext/triton_kernels ]] || ln -s ../triton_kernels cimext/triton_kernels
-
 # 2. Build the CUDA extension against this torch, nothing downloaded. If it fails, a CPU-only
 # build keeps the Triton steps alive (they need the compiled op schemas).
 if [[ "$DRY" == 1 ]]; then
@@ -122,6 +118,11 @@ built=1
 if ! step build 240 180 "$build_cmd"; then
   step build-cpu-only 120 150 "$cpu_build_cmd" || built=0
 fi
+
+# The package maps cimext.triton_kernels to triton_kernels/ (pyproject.toml); runs from the
+# repository root also find it through the git-ignored link that in-place checkouts use, made
+# after the build so that the install sees the checkout as committed.
+[[ -e cimext/triton_kernels ]] || ln -s ../triton_kernels cimext/triton_kernels
 
 if ((built == 0)); then
   for s in test-cuda test-triton bench; do skip "$s" "no compiled extension (both builds failed)"; done
