@@ -37,8 +37,11 @@ TORCH_LIBRARY(cimext, m) {
   // key as an int64 bit pattern), float32 normals (randn4x order) or uniforms (rand4x order).
   m.def("_philox_normals(int stream, int j0, int n) -> Tensor");
   m.def("_philox_uniforms(int stream, int j0, int n) -> Tensor");
-  // Debug/test hook: 0 forces the scalar CPU path, 1 allows AVX2; returns the previous setting.
+  // Debug/test hooks of the CPU normal generator: _set_cpu_simd caps its SIMD level (0 scalar,
+  // 1 AVX2, 2 AVX-512, the default) and returns the previous cap; _cpu_simd is the level in use
+  // (the cap, lowered to what the processor supports). Every level gives bit-identical normals.
   m.def("_set_cpu_simd(int level) -> int");
+  m.def("_cpu_simd() -> int");
 }
 
 extern "C" {

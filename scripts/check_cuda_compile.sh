@@ -35,10 +35,23 @@ py_inc="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 
 if [[ -n "$torch_inc" && -f "$torch_inc/c10/cuda/CUDAGuard.h" ]]; then
   for f in csrc/cuda/*.cu; do
     "$NVCC" -std=c++20 -O0 --fmad=false -arch=sm_90 -DC10_USING_CUSTOM_GENERATED_MACROS \
-      -I"$torch_inc" -I"$torch_inc/torch/csrc/api/include" -I"$py_inc" -c "$f" -o "$tmp/op.o" \
-      2> "$tmp/err" || { cat "$tmp/err"; exit 1; }
+      -I"$torch_inc" -I"$torch_inc/torch/csrc/api/include" -I"$py_inc" -c "$f" \
+      -o "$tmp/op_$(basename "$f" .cu).o" 2> "$tmp/err" || { cat "$tmp/err"; exit 1; }
   done
   echo "check_cuda_compile: csrc/cuda/*.cu against torch headers OK"
+  # Without a CUDA torch nothing links here; at least every cimext::cuda function one file uses
+  # must be defined by one of them (a declaration left behind by a rename fails only at load).
+  if command -v nm > /dev/null; then
+    nm -C --defined-only "$tmp"/op_*.o | grep -o 'cimext::cuda::[A-Za-z_0-9:]*(' | sort -u > "$tmp/def"
+    nm -C --undefined-only "$tmp"/op_*.o | grep -o 'cimext::cuda::[A-Za-z_0-9:]*(' | sort -u > "$tmp/use"
+    missing="$(comm -23 "$tmp/use" "$tmp/def")"
+    if [[ -n "$missing" ]]; then
+      echo "check_cuda_compile: used but defined in no csrc/cuda file:"
+      echo "$missing"
+      exit 1
+    fi
+    echo "check_cuda_compile: every cimext::cuda function used in csrc/cuda is defined there"
+  fi
 else
   echo "check_cuda_compile: torch's c10/cuda headers not found, csrc/cuda/*.cu not checked"
 fi

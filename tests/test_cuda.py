@@ -128,3 +128,69 @@ def test_compiled_model_on_cuda():
     with cimext.sampling(m):
         compiled(x).sum().backward()
         compiled(x).sum().backward()
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiles: the CUDA ops fill a bounded scratch (CIMEXT_CUDA_SCRATCH_ELEMENTS) with row tiles of
+# W + δ + ΔW, or with whole small weights for a chunk of instances; the Triton row-tile path does
+# the same (triton_kernels.perturbed_linear.SCRATCH_ELEMENTS). Small bounds force many tiles.
+# ------------------------------------------------------------------------------------------------
+def _small_scratch(monkeypatch, backend, elements):
+    if backend == "cpp":
+        monkeypatch.setenv("CIMEXT_CUDA_SCRATCH_ELEMENTS", str(elements))
+    else:
+        import triton_kernels.perturbed_linear as linear_mod
+
+        monkeypatch.setattr(linear_mod, "SCRATCH_ELEMENTS", elements)
+        monkeypatch.setattr(linear_mod, "FORCE_PATH", "rows")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("elements", [30, 500, 1 << 22])  # a row per tile, row tiles, chunks
+@pytest.mark.parametrize("x_stacked", [False, True])
+@pytest.mark.parametrize("spec", [0, 2, 3])
+def test_perturbed_linear_tiles_match_cpu(monkeypatch, backend, elements, x_stacked, spec):
+    spec = SPECS[spec]
+    S = 5
+    x = torch.randn(S, 2, 7, 29) if x_stacked else torch.randn(2, 7, 29)
+    w, b, d = torch.randn(33, 29), torch.randn(33), 0.01 * torch.randn(33, 29)
+    kw = dict(spec, seeds=[4, 5, 6, 2**64 - 1, 9], delta=d, x_stacked=x_stacked)
+    cpu = ops.perturbed_linear(x, w, b, **kw)
+    _small_scratch(monkeypatch, backend, elements)
+    kw["delta"] = d.cuda()
+    gpu = _on(backend, lambda: ops.perturbed_linear(x.cuda(), w.cuda(), b.cuda(), **kw)).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("elements", [20, 200, 1 << 22])  # a group / channels per tile, chunks
+@pytest.mark.parametrize("groups,x_stacked", [(1, False), (1, True), (2, False), (2, True)])
+def test_perturbed_conv2d_tiles_match_cpu(monkeypatch, backend, elements, groups, x_stacked):
+    S = 3
+    x = torch.randn(S, 2, 4, 8, 7) if x_stacked else torch.randn(2, 4, 8, 7)
+    w, b = torch.randn(6, 4 // groups, 3, 3), torch.randn(6)
+    d = 0.01 * torch.randn(6, 4 // groups, 3, 3)
+    kw = dict(device=DeviceModel(), seeds=[1, 2, 2**63], delta=d, x_stacked=x_stacked)
+    cpu = ops.perturbed_conv2d(x, w, b, 1, 1, 1, groups, **kw)
+    _small_scratch(monkeypatch, backend, elements)
+    kw["delta"] = d.cuda()
+    gpu = _on(
+        backend, lambda: ops.perturbed_conv2d(x.cuda(), w.cuda(), b.cuda(), 1, 1, 1, groups, **kw)
+    ).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m", [5, 300])  # fused Triton path, row-tile path
+def test_perturbed_linear_bfloat16(backend, m):
+    # bfloat16 has no CPU kernel: compare with cuBLAS on W + ΔW built by ops.noise (same rounding:
+    # W + bf16(ΔW) in bfloat16); the difference is accumulation order only.
+    x = torch.randn(m, 96, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(40, 96, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(40, device="cuda", dtype=torch.bfloat16)
+    dev = DeviceModel()
+    got = _on(backend, lambda: ops.perturbed_linear(x, w, b, device=dev, seeds=[3, 4], scale=2.0))
+    dw = ops.noise(w, dev, seeds=[3, 4], scale=2.0)
+    want = torch.stack([torch.nn.functional.linear(x, w + dw[i], b) for i in range(2)])
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=5e-2)

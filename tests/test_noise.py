@@ -48,17 +48,40 @@ def test_cpp_normals_match_reference(n, seed):
     assert (got - want).abs().max().item() <= 1e-6
 
 
-def test_simd_and_scalar_paths_bit_identical():
+@pytest.mark.parametrize("level", [1, 2])
+def test_simd_and_scalar_paths_bit_identical(level):
+    # Level 1 is AVX2, 2 AVX-512; a processor without them runs a lower level, which must agree
+    # all the same. Odd lengths and offsets exercise the heads and tails of the vector blocks.
     w = torch.randn(333, 101)
+    x = torch.randn(5, 101)
     dev = DeviceModel(level_sigma=(0.5, 1.5, 1.5, 0.5))
+
+    def run():
+        return [
+            ops.noise(w, dev, 9),
+            ops.gaussian_noise(w, 0.3, 9),
+            ops.perturbed_linear(x, w, gaussian=0.1, seeds=[3, 4]),
+            *(torch.ops.cimext._philox_normals(7, j0, 1037) for j0 in (0, 1, 2, 3, 2**32 * 4 - 9)),
+        ]
+
     prev = torch.ops.cimext._set_cpu_simd(0)
     try:
-        scalar = [ops.noise(w, dev, 9), ops.gaussian_noise(w, 0.3, 9)]
+        assert torch.ops.cimext._cpu_simd() == 0
+        scalar = run()
+        torch.ops.cimext._set_cpu_simd(level)
+        assert torch.ops.cimext._cpu_simd() <= level
+        simd = run()
     finally:
         torch.ops.cimext._set_cpu_simd(prev)
-    simd = [ops.noise(w, dev, 9), ops.gaussian_noise(w, 0.3, 9)]
     for a, b in zip(scalar, simd, strict=True):
         assert torch.equal(a, b)
+
+
+def test_set_cpu_simd_rejects_bad_level():
+    with pytest.raises(RuntimeError, match="level"):
+        torch.ops.cimext._set_cpu_simd(3)
+    with pytest.raises(RuntimeError, match="level"):
+        torch.ops.cimext._set_cpu_simd(-1)
 
 
 SPECS = {

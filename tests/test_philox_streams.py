@@ -27,7 +27,7 @@ def test_cpp_uniforms_bit_identical(j0, n):
     assert torch.equal(_cpp("uniform", j0, n), _ref("uniform", j0, n))
 
 
-@pytest.mark.parametrize("simd", [0, 1])
+@pytest.mark.parametrize("simd", [0, 1, 2])
 @pytest.mark.parametrize("j0", STARTS)
 def test_cpp_normals_close(j0, simd):
     prev = torch.ops.cimext._set_cpu_simd(simd)

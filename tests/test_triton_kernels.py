@@ -257,6 +257,86 @@ def test_perturbed_linear(m, k, n, n_seeds, with_bias, with_delta, case):
         assert not torch.allclose(out, clean)
 
 
+@pytest.mark.parametrize("scratch", [1 << 22, 40, 7])
+@pytest.mark.parametrize(
+    "case,k,x_stacked",
+    [
+        ("gaussian", 24, False),  # K % 4 == 0: one randn4x per 4 weights
+        ("rcg", 13, True),
+        ("device_mask_levels", 10, False),
+        ("device_fast", 9, True),
+    ],
+)
+def test_perturbed_linear_row_tiles(monkeypatch, scratch, case, k, x_stacked):
+    # The row-tile path: W + δ + ΔW of a tile of rows (for a chunk of seeds) into a bounded
+    # scratch, then the plain matmul. A scratch of 1 << 22 holds every seed's whole weight, 40
+    # elements a few rows of one seed (tiles that start inside a Philox group when K % 4 != 0),
+    # 7 elements less than one row (one row per tile).
+    import triton_kernels.perturbed_linear as linear_mod
+
+    monkeypatch.setattr(linear_mod, "FORCE_PATH", "rows")
+    monkeypatch.setattr(linear_mod, "SCRATCH_ELEMENTS", scratch)
+    gen = torch.Generator().manual_seed(k)
+    n, m = 11, 6
+    x = torch.randn(*((3,) if x_stacked else ()), m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    delta = 0.02 * torch.randn(n, k, generator=gen)
+    out, ref = run_linear(x, w, bias, delta, x_stacked, [7, 2**64 - 1, 2**63 + 5], 4, case)
+    assert out.shape == (3, m, n)
+    assert_rel(out, ref, 1e-4)
+
+
+@pytest.mark.parametrize("path", ["fused", "rows"])
+def test_autotuned_launch(monkeypatch, path):
+    # On a GPU the kernels go through triton.autotune; here the interpreter runs that launch code
+    # (grid callables, pruning, every surviving configuration once) with a stand-in timer.
+    import triton_kernels.perturbed_linear as linear_mod
+
+    timed = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        timed.append(1)
+        return [float(len(timed))] * len(quantiles)  # the first configuration "wins"
+
+    for tuned in (linear_mod._perturbed_mm_tuned, linear_mod._perturbed_rows_tuned):
+        monkeypatch.setattr(tuned, "_do_bench", bench)
+        monkeypatch.setattr(tuned, "cache", {})
+    monkeypatch.setattr(linear_mod, "autotuned", lambda device: True)
+    monkeypatch.setattr(linear_mod, "FORCE_PATH", path)
+    gen = torch.Generator().manual_seed(11)
+    # M = 40 and N = 200 leave two matmul configurations (BLOCK_M 64; BLOCK_N 64 or 128).
+    x, w = torch.randn(40, 64, generator=gen), torch.randn(200, 64, generator=gen)
+    bias = torch.randn(200, generator=gen)
+    out, ref = run_linear(x, w, bias, None, False, [5, 6], 1, "device_fast")
+    assert_rel(out, ref, 1e-4)
+    assert timed, "the autotuner benchmarked no configuration"
+
+
+def test_prune_keeps_fitting_configs():
+    import triton_kernels.perturbed_linear as linear_mod
+
+    configs = linear_mod._mm_configs()
+    small = linear_mod._prune_mm(configs, dict(m_bucket=8, N=10, K=12))
+    assert [c.kwargs["BLOCK_M"] for c in small] == [16]
+    big = linear_mod._prune_mm(configs, dict(m_bucket=4096, N=4096, K=4096))
+    assert {c.kwargs["BLOCK_M"] for c in big} == {64, 128}
+    assert len(big) == len([c for c in configs if c.kwargs["BLOCK_M"] >= 64])
+    mid = linear_mod._prune_mm(configs, dict(m_bucket=32, N=4096, K=4096))
+    assert {c.kwargs["BLOCK_M"] for c in mid} == {32}
+    narrow = linear_mod._prune_mm(configs, dict(m_bucket=64, N=16, K=4096))
+    assert {c.kwargs["BLOCK_N"] for c in narrow} == {64}
+
+
+def test_force_path_rejects_unknown(monkeypatch):
+    import triton_kernels.perturbed_linear as linear_mod
+
+    monkeypatch.setattr(linear_mod, "FORCE_PATH", "bogus")
+    with pytest.raises(ValueError, match="FORCE_PATH"):
+        run_linear(torch.randn(2, 4), torch.randn(3, 4), None, None, False, [1], 0, "gaussian")
+
+
 def test_perturbed_linear_stacked_batched_noncontiguous():
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(3, 2, 12, 5, generator=gen).transpose(-1, -2)  # (S, 2, 5, 12), strided
@@ -378,6 +458,24 @@ def test_perturbed_conv2d_dtypes(dtype, rel):
         x, w, bias, None, ([1, 1], [1, 1], [1, 1], 2), False, [1, 2], "gaussian", dtype
     )
     assert_rel(out, ref, rel)
+
+
+@pytest.mark.parametrize("x_stacked", [False, True])
+def test_perturbed_conv2d_row_tiles(monkeypatch, x_stacked):
+    # im2col rows are many (N * H * W), so on a GPU groups == 1 convolutions take the row-tile
+    # path; 30 scratch elements cut the (6, 27) weight into tiles of one row.
+    import triton_kernels.perturbed_linear as linear_mod
+
+    monkeypatch.setattr(linear_mod, "FORCE_PATH", "rows")
+    monkeypatch.setattr(linear_mod, "SCRATCH_ELEMENTS", 30)
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(*((2,) if x_stacked else ()), 2, 3, 7, 6, generator=gen)
+    w = torch.randn(6, 3, 3, 3, generator=gen)
+    bias = torch.randn(6, generator=gen)
+    delta = 0.01 * torch.randn(6, 3, 3, 3, generator=gen)
+    conv = ([2, 1], [1, 0], [1, 1], 1)
+    out, ref = run_conv(x, w, bias, delta, conv, x_stacked, [3, 2**64 - 2], "device_levels")
+    assert_rel(out, ref, 1e-4)
 
 
 def test_seed_chunking(monkeypatch):

@@ -20,7 +20,12 @@ from .noise import (
     seed_list,
     stream_seeds,
 )
-from .perturbed_linear import check_operands, launch_perturbed_mm, perturbed_weight_fallback
+from .perturbed_linear import (
+    check_operands,
+    kernel_dtype,
+    launch_perturbed_mm,
+    perturbed_weight_fallback,
+)
 from .philox import stream_tensor
 
 
@@ -91,8 +96,8 @@ def perturbed_conv2d(
     )
     params = make_noise_params(*noise_args, verify_mask is not None)
 
-    if weight.dtype not in (torch.float32, torch.float16):
-        # float64 (gradcheck) and bfloat16: materialize each perturbed weight and call torch.
+    if not kernel_dtype(weight):
+        # float64 (gradcheck), interpreted bfloat16: materialize each weight and call torch.
         ws = perturbed_weight_fallback(
             weight, delta, seed_tensor, layer_id, noise_args, verify_mask
         )

@@ -123,7 +123,13 @@ void noise_out_ad_inplace_or_view(c10::DispatchKeySet keys, const at::Tensor& we
   if (!inference) torch::autograd::impl::bump_version(out);
 }
 
-int64_t set_cpu_simd(int64_t level) { return set_simd_level(level); }
+int64_t set_cpu_simd(int64_t level) {
+  TORCH_CHECK(level >= kSimdScalar && level <= kSimdAvx512,
+              "_set_cpu_simd: level must be 0 (scalar), 1 (AVX2) or 2 (AVX-512), got ", level);
+  return set_simd_level(level);
+}
+
+int64_t cpu_simd() { return simd_level(); }
 
 at::Tensor philox_stream(int64_t stream, int64_t j0, int64_t n, bool normal) {
   TORCH_CHECK(n >= 0, "_philox: n must be >= 0, got ", n);
@@ -164,6 +170,7 @@ TORCH_LIBRARY_IMPL(cimext, ADInplaceOrView, m) {
 
 TORCH_LIBRARY_IMPL(cimext, CompositeExplicitAutograd, m) {
   m.impl("_set_cpu_simd", &set_cpu_simd);
+  m.impl("_cpu_simd", &cpu_simd);
   m.impl("_philox_normals", &philox_normals);
   m.impl("_philox_uniforms", &philox_uniforms);
 }

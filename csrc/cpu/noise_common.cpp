@@ -11,29 +11,43 @@
 namespace cimext::cpu {
 namespace {
 
-std::atomic<int64_t> g_simd_level{1};
+// Requested level (see set_simd_level); the active one is capped by what the CPU supports.
+std::atomic<int64_t> g_simd_level{kSimdAvx512};
 
-bool cpu_has_avx2() {
+int64_t cpu_simd_support() {
 #if defined(CIMEXT_X86)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+  // __builtin_cpu_supports also checks that the OS saves the vector state (XCR0).
+  static const int64_t level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return kSimdAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kSimdAvx2;
+    return kSimdScalar;
+  }();
+  return level;
 #else
-  return false;
+  return kSimdScalar;
 #endif
 }
-
-
-
 
 }  // namespace
 
 int64_t set_simd_level(int64_t level) { return g_simd_level.exchange(level); }
 
-bool simd_active() { return g_simd_level.load() > 0 && cpu_has_avx2(); }
+int64_t simd_level() { return std::min(std::max<int64_t>(g_simd_level.load(), 0), cpu_simd_support()); }
 
 void fill_normals(uint64_t stream, uint64_t j0, int64_t n, float* out) {
 #if defined(CIMEXT_X86)
-  if (simd_active()) return fill_normals_avx2(stream, j0, n, out);
+  switch (simd_level()) {
+    case kSimdAvx512:
+      return fill_normals_avx512(stream, j0, n, out);
+    case kSimdAvx2:
+      return fill_normals_avx2(stream, j0, n, out);
+    default:
+      break;
+  }
 #endif
   fill_normals_scalar(stream, j0, n, out);
 }

@@ -9,13 +9,16 @@
 
 namespace cimext::cpu {
 
-// Fills out[k] with normal j0 + k of the stream (Triton randn4x order), k in [0, n). Uses AVX2
-// when the CPU has it and it is enabled; the scalar path gives bit-identical results.
+// Fills out[k] with normal j0 + k of the stream (Triton randn4x order), k in [0, n). Uses the
+// widest SIMD path that the CPU supports and set_simd_level allows; all paths give bit-identical
+// results.
 void fill_normals(uint64_t stream, uint64_t j0, int64_t n, float* out);
 
-// 0: scalar only, 1: AVX2 where the CPU supports it. Returns the previous level.
+constexpr int64_t kSimdScalar = 0, kSimdAvx2 = 1, kSimdAvx512 = 2;
+// Caps the SIMD level of fill_normals (0 scalar, 1 AVX2, 2 AVX-512); returns the previous cap.
 int64_t set_simd_level(int64_t level);
-bool simd_active();
+// The level fill_normals uses now: the cap, lowered to what this CPU supports.
+int64_t simd_level();
 
 // The noise arguments of every op schema, validated; `what` names the op in error messages.
 struct NoiseSpec {

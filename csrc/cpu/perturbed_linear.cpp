@@ -1,5 +1,5 @@
 // cimext::perturbed_linear on CPU. The output features are cut into row tiles of W of at most
-// ~2 MiB. For each (instance, tile) all threads build W + δ + ΔW(seed) for the tile in one
+// 16 MiB. For each (instance, tile) all threads build W + δ + ΔW(seed) for the tile in one
 // reused buffer, then one multi-threaded GEMM writes the matching output columns. The buffer is
 // bounded by the tile size whatever the layer size, and no perturbed weight is kept.
 #include <ATen/Parallel.h>
@@ -12,9 +12,11 @@
 namespace cimext::cpu {
 namespace {
 
-// Rows of W per tile: the weight is split evenly into tiles of at most 6 MiB of float32 (large
-// tiles keep the GEMM as efficient as one call on the whole weight; measured on 2 cores, 256-row
-// tiles of a 512x4608 weight cost the same as no tiling while 64-row tiles cost 20% more).
+// Rows of W per tile: the weight is split evenly into tiles of at most 16 MiB of float32. Large
+// tiles keep the GEMM as efficient as one call on the whole weight: every call packs x again, so
+// (measured with bench/bench_linear_floor.py, 1 thread, process CPU time, x (256, 4608),
+// W (512, 4608)) two 256-row tiles cost 1.29x clean F.linear where one 512-row tile costs 1.23x
+// (the floor, clean GEMM + the normals alone, is 1.21x); 128-row tiles cost 1.33x.
 // CIMEXT_LINEAR_TILE_ROWS overrides it (tuning).
 int64_t tile_rows(int64_t out_features, int64_t in_features) {
   static const int64_t forced = [] {
@@ -22,7 +24,7 @@ int64_t tile_rows(int64_t out_features, int64_t in_features) {
     return env ? std::atoll(env) : int64_t{0};
   }();
   if (forced > 0) return std::min(forced, out_features);
-  constexpr int64_t kTileElements = int64_t{3} << 19;  // 6 MiB of float32
+  constexpr int64_t kTileElements = int64_t{1} << 22;  // 16 MiB of float32
   const int64_t max_rows = std::max<int64_t>(16, kTileElements / std::max<int64_t>(1, in_features));
   const int64_t tiles = (out_features + max_rows - 1) / max_rows;
   return std::max<int64_t>(1, (out_features + tiles - 1) / tiles);

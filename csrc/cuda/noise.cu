@@ -1,6 +1,6 @@
 // cimext::noise on CUDA: ΔW of a weight for every seed, shape (S, *weight.shape), in one launch.
-// Also defines the operand checks and the W + δ + ΔW launcher that perturbed_linear.cu and
-// perturbed_conv2d.cu share (declared at their top).
+// Also defines the operand checks and the row-tile launcher that perturbed_linear.cu and
+// perturbed_conv2d.cu share (declared in perturbed_tiles.cuh).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,6 +12,7 @@
 
 #include "../cpu/noise_common.h"  // make_spec: one validation of the noise arguments everywhere
 #include "../kernels/noise_cuda.cuh"
+#include "perturbed_tiles.cuh"
 
 namespace cimext::cuda {
 namespace {
@@ -122,12 +123,22 @@ void check_operands(const char* what, const at::Tensor& x, const at::Tensor& wei
   }
 }
 
-void perturbed_weight_cuda(const NoiseParams& p, uint64_t stream, const at::Tensor& w,
-                           const at::Tensor& delta, const at::Tensor& mask, at::Tensor& out) {
+static_assert(kMaxChunk <= kMaxRangeStreams, "a chunk's seeds must fit in one launch");
+
+void perturbed_range_cuda(const NoiseParams& p, const uint64_t* streams, int64_t count,
+                          const at::Tensor& w, const at::Tensor& delta, const at::Tensor& mask,
+                          int64_t i0, int64_t n, at::Tensor& out) {
+  TORCH_CHECK(count >= 1 && count <= kMaxRangeStreams, "perturbed_range_cuda: ", count,
+              " instances in one launch (at most ", kMaxRangeStreams, ")");
+  TORCH_CHECK(out.is_contiguous() && out.numel() >= count * n,
+              "perturbed_range_cuda: the scratch is too small or not contiguous");
+  RangeStreams rs;
+  rs.count = count;
+  for (int64_t c = 0; c < count; ++c) rs.seed[c] = streams[c];
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, w.scalar_type(), "perturbed_weight_cuda", [&] {
-        C10_CUDA_CHECK(launch_perturbed_weight<typename CudaType<scalar_t>::type>(
-            p, stream, in_ptr<scalar_t>(w), in_ptr<scalar_t>(delta), mask_ptr(mask), w.numel(),
+      at::kHalf, at::kBFloat16, w.scalar_type(), "perturbed_range_cuda", [&] {
+        C10_CUDA_CHECK(launch_perturbed_range<typename CudaType<scalar_t>::type>(
+            p, rs, in_ptr<scalar_t>(w), in_ptr<scalar_t>(delta), mask_ptr(mask), i0, n,
             out_ptr<scalar_t>(out), c10::cuda::getCurrentCUDAStream()));
       });
 }

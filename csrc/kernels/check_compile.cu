@@ -19,7 +19,10 @@ namespace cuda {
                                        int64_t, T*, cudaStream_t);                                \
   template cudaError_t launch_perturbed_weight<T>(const NoiseParams&, uint64_t, const T*,         \
                                                   const T*, const uint8_t*, int64_t, T*,          \
-                                                  cudaStream_t);                          \
+                                                  cudaStream_t);                                  \
+  template cudaError_t launch_perturbed_range<T>(const NoiseParams&, const RangeStreams&,         \
+                                                 const T*, const T*, const uint8_t*, int64_t,     \
+                                                 int64_t, T*, cudaStream_t);                      \
   template cudaError_t launch_sign_step<T>(T* const*, const T* const*, const int64_t*,            \
                                            const double*, int, double, cudaStream_t);
 
@@ -103,6 +106,36 @@ int main() {
                  static_cast<long long>(i), dw[k], want);
           ++failures;
           break;
+        }
+      }
+    }
+  }
+  // perturbed_range_group: W + δ + ΔW over ranges that start and end inside counter groups (row
+  // tiles of a weight whose row length is not a multiple of 4) equals the whole-weight values.
+  {
+    float delta[n], tile[n];
+    for (int64_t i = 0; i < n; ++i) delta[i] = 0.001f * static_cast<float>(i % 7);
+    const int64_t ranges[][2] = {{0, n}, {1, 6}, {5, 97}, {102, 3}, {998, 5}, {3, 1}};
+    for (const Case& c : cases) {
+      NoiseParams p;
+      make_noise_params(&p, c.mode, 1.0, c.m, c.k, 0.1, c.ls, c.n_ls, 0.01, 0.06, c.verify, c.mask);
+      for (const auto& r : ranges) {
+        const int64_t i0 = r[0], len = r[1];
+        for (int64_t g = i0 / 4; g < (i0 + len + 3) / 4; ++g)
+          cuda::perturbed_range_group(p, stream, g, i0, len, w, delta, c.mask ? mask : nullptr,
+                                      tile);
+        for (int64_t k = 0; k < len; ++k) {
+          const int64_t i = i0 + k;
+          const bool verified = c.mask ? mask[i] != 0 : c.verify;
+          const float want = (w[i] + delta[i]) +
+                             noise_at(p, stream, static_cast<uint64_t>(i), w[i], verified);
+          if (tile[k] != want) {
+            printf("FAIL range %s [%lld, +%lld): element %lld: %.9g != %.9g\n", c.name,
+                   static_cast<long long>(i0), static_cast<long long>(len),
+                   static_cast<long long>(i), tile[k], want);
+            ++failures;
+            break;
+          }
         }
       }
     }

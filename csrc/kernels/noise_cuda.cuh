@@ -1,4 +1,5 @@
-// CUDA kernels for the noise model of noise.h: ΔW for many streams, and W + δ + ΔW for one.
+// CUDA kernels for the noise model of noise.h: ΔW for many streams, and W + δ + ΔW of a range of
+// the flat weight (a row tile) for a chunk of streams.
 //
 // Torch-free (raw pointers, cudaStream_t) so that check_compile.cu compile-checks them with plain
 // nvcc; csrc/cuda/*.cu wrap them for ATen. Compile with --fmad=false: the normals must round like
@@ -108,25 +109,50 @@ __global__ void noise_kernel(const NoiseParams p, StreamSeeds seeds, int64_t n_s
   }
 }
 
-// out = W + δ + ΔW(stream); delta and mask may be null.
+// Up to this many instances share one launch of perturbed_range_kernel: their stream seeds travel
+// by value in the kernel parameters (no host-to-device copy, no sync).
+constexpr int kMaxRangeStreams = 64;
+struct RangeStreams {
+  int64_t count;
+  uint64_t seed[kMaxRangeStreams];
+};
+
+// Elements i0 .. i0 + n - 1 of the flat weight that counter group g (flat elements 4g .. 4g + 3)
+// touches, for one stream: out[i - i0] = (W + δ) + ΔW rounded like cimext/reference.py, (W + δ)
+// first, then + T(ΔW). w, delta and mask point at the full weight (delta and mask may be null).
 template <typename T>
-__global__ void perturbed_weight_kernel(const NoiseParams p, uint64_t stream,
-                                        const T* __restrict__ w, const T* __restrict__ delta,
-                                        const uint8_t* __restrict__ mask, int64_t n,
-                                        T* __restrict__ out) {
+CIMEXT_HD void perturbed_range_group(const NoiseParams& p, uint64_t stream, int64_t g, int64_t i0,
+                                     int64_t n, const T* w, const T* delta, const uint8_t* mask,
+                                     T* out) {
   using N = Num<T>;
-  const int64_t groups = (n + 3) / 4;
+  float dw[4];
+  // noise_group computes every lane of the group below i0 + n; lanes before i0 (at most 3 per
+  // range) are dropped, so the counters, and so the noise, are those of the whole weight.
+  noise_group(p, stream, g, i0 + n, w, mask, dw);
+  for (int k = 0; k < 4; ++k) {
+    const int64_t i = 4 * g + k;
+    if (i < i0 || i >= i0 + n) continue;
+    typename N::Acc base = N::acc(w[i]);
+    if (delta != nullptr) base = N::acc(N::store(base + N::acc(delta[i])));
+    out[i - i0] = N::store(base + N::acc(N::store(static_cast<typename N::Acc>(dw[k]))));
+  }
+}
+
+// out[c * n + k] = W + δ + ΔW of flat element i0 + k for stream c of `streams` (k in [0, n)): a
+// row tile of the weight for a chunk of instances, the scratch that one GEMM then reads.
+// blockIdx.y walks the streams, x the counter groups of the range.
+template <typename T>
+__global__ void perturbed_range_kernel(const NoiseParams p, const RangeStreams streams,
+                                       const T* __restrict__ w, const T* __restrict__ delta,
+                                       const uint8_t* __restrict__ mask, int64_t i0, int64_t n,
+                                       T* __restrict__ out) {
+  const int64_t g0 = i0 / 4, groups = (i0 + n + 3) / 4 - g0;
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
-       g += step) {
-    float dw[4];
-    noise_group(p, stream, g, n, w, mask, dw);
-    for (int k = 0; k < 4 && 4 * g + k < n; ++k) {
-      const int64_t i = 4 * g + k;
-      typename N::Acc base = N::acc(w[i]);
-      if (delta != nullptr) base = N::acc(N::store(base + N::acc(delta[i])));
-      out[i] = N::store(base + N::acc(N::store(static_cast<typename N::Acc>(dw[k]))));
-    }
+  for (int64_t c = blockIdx.y; c < streams.count; c += gridDim.y) {
+    const uint64_t stream = streams.seed[c];
+    for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < groups;
+         t += step)
+      perturbed_range_group(p, stream, g0 + t, i0, n, w, delta, mask, out + c * n);
   }
 }
 
@@ -162,15 +188,29 @@ cudaError_t launch_noise(const NoiseParams& p, uint64_t stream, const T* w, cons
   return cudaGetLastError();
 }
 
-// out = W + δ + ΔW(stream) for n weights; delta and mask may be null.
+// out (streams.count, n) = W + δ + ΔW of flat elements i0 .. i0 + n - 1 for each stream
+// (delta and mask may be null; w, delta and mask point at the whole weight).
+template <typename T>
+cudaError_t launch_perturbed_range(const NoiseParams& p, const RangeStreams& streams, const T* w,
+                                   const T* delta, const uint8_t* mask, int64_t i0, int64_t n,
+                                   T* out, cudaStream_t cs) {
+  if (n <= 0 || streams.count <= 0) return cudaSuccess;
+  if (streams.count > kMaxRangeStreams || i0 < 0) return cudaErrorInvalidValue;
+  // +1 group: a range that starts inside a counter group spans one more.
+  perturbed_range_kernel<T><<<grid_for(n + 4, streams.count), kThreads, 0, cs>>>(
+      p, streams, w, delta, mask, i0, n, out);
+  return cudaGetLastError();
+}
+
+// out = W + δ + ΔW(stream) for all n weights; delta and mask may be null.
 template <typename T>
 cudaError_t launch_perturbed_weight(const NoiseParams& p, uint64_t stream, const T* w,
                                     const T* delta, const uint8_t* mask, int64_t n, T* out,
                                     cudaStream_t cs) {
-  if (n <= 0) return cudaSuccess;
-  perturbed_weight_kernel<T><<<grid_for(n, 1), kThreads, 0, cs>>>(p, stream, w, delta, mask, n,
-                                                                   out);
-  return cudaGetLastError();
+  RangeStreams one;
+  one.count = 1;
+  one.seed[0] = stream;
+  return launch_perturbed_range(p, one, w, delta, mask, 0, n, out, cs);
 }
 
 }  // namespace cuda

@@ -4,7 +4,10 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include <string.h>
+
 #include "noise.h"
+#include "normals_simd.h"
 #include "philox.h"
 
 namespace {
@@ -187,6 +190,38 @@ void test_verified_bound() {
 
 }  // namespace
 
+// The CPU generator's SIMD paths (csrc/cpu/normals_simd.h) against the scalar path, bit for bit,
+// on whichever of them this processor runs: offsets inside a counter, lengths around the vector
+// blocks, and a run across the wrap of the low counter word.
+void test_simd_normals_bit_identical() {
+#if defined(CIMEXT_X86)
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl");
+  printf("simd normals: avx2 %s, avx512 %s\n", avx2 ? "tested" : "absent",
+         avx512 ? "tested" : "absent");
+  const uint64_t starts[] = {0, 1, 2, 3, 5, 4ull * 0xFFFFFFF0ull + 1, (1ull << 34) + 7};
+  const int64_t lengths[] = {0, 1, 3, 17, 127, 128, 129, 255, 256, 257, 1000, 4099};
+  static float a[4099], b[4099];
+  for (uint64_t j0 : starts) {
+    for (int64_t n : lengths) {
+      cpu::fill_normals_scalar(0x9E3779B97F4A7C15ull, j0, n, a);
+      if (avx2) {
+        cpu::fill_normals_avx2(0x9E3779B97F4A7C15ull, j0, n, b);
+        CHECK(memcmp(a, b, sizeof(float) * n) == 0, "avx2 j0=%llu n=%lld",
+              (unsigned long long)j0, (long long)n);
+      }
+      if (avx512) {
+        cpu::fill_normals_avx512(0x9E3779B97F4A7C15ull, j0, n, b);
+        CHECK(memcmp(a, b, sizeof(float) * n) == 0, "avx512 j0=%llu n=%lld",
+              (unsigned long long)j0, (long long)n);
+      }
+    }
+  }
+#endif
+}
+
 int main() {
   test_philox_known_answers();
   test_splitmix();
@@ -197,6 +232,7 @@ int main() {
   test_fast_path_matches_device_std();
   test_rcg_censoring();
   test_verified_bound();
+  test_simd_normals_bit_identical();
   if (g_failures) {
     printf("%d check(s) failed\n", g_failures);
     return 1;
