@@ -300,7 +300,11 @@ BAD_TENSOR_BOUNDS = {
         ValueError,
         r"bound_tensors\[1\] must be finite",
     ),
-    "bound is a delta": (lambda d: [0.5, d[1].abs_()], ValueError, r"shares memory with deltas\[1\]"),
+    "bound is a delta": (
+        lambda d: [0.5, d[1].abs_()],
+        ValueError,
+        r"shares memory with deltas\[1\]",
+    ),
 }
 
 
