@@ -17,8 +17,9 @@ of them reached. The default budget's stages, in order:
    correct, so when the rarest class's share is below the best accuracy so far, a search pushes
    every other sample towards it (and its own samples towards their runner-up) from the best δ.
 4. ``lwc-random-i``: LWC runs (proximal Adam at the first, feasible c of the search) from
-   uniform random starts in the box: the accuracy LWC reaches varies by a few tenths of a point
-   with its start, and restarts take the best of several draws.
+   uniform random starts in the box, each followed by sign PGD on the margin cost from where it
+   ended: the accuracy LWC reaches varies by a point or more with its start, restarts take the
+   best of several draws, and the sign steps often flip samples LWC left correct.
 5. ``lwc-refine``: the LWC c search warm-started from the best δ so far.
 
 Every stage after the first three works on the *active set* (the samples not yet misclassified
@@ -54,12 +55,15 @@ _LWC = dict(c_start=0.25, tol=0.02, patience=5, rtol=1e-3)
 #: its defaults; ("pgd", name, loss, start, epochs): sign PGD with the cosine schedule from
 #: "best", "zero" or "random"; ("targeted", classes, epochs); ("lwc-run", name, start, epochs):
 #: one LWC run at the first c; ("lwc-refine", first epochs, later epochs, c values): the LWC
-#: search from the best δ. ``min_steps``: a sign-PGD stage takes at least this many mini-batch
+#: search from the best δ; ("lwc-run", name, start, epochs, refine epochs): one LWC run at the
+#: first c, then (refine epochs > 0) sign PGD on the margin cost from where it ended (an LWC
+#: run and a sign-step refinement reach lower together: large sign steps shake the samples
+#: LWC could not flip loose). ``min_steps``: a sign-PGD stage takes at least this many mini-batch
 #: steps (on a data set of one or two batches an epoch is one step, and cheap).
 BUDGETS: dict[str, dict] = {
     "fast": dict(
         stages=[
-            ("lwc-run", "lwc-run", "zero", 30),
+            ("lwc-run", "lwc-run", "zero", 30, 0),
             ("pgd", "pgd-margin", "margin", "best", 6),
             ("pgd", "pgd-ce", "ce", "zero", 6),
         ],
@@ -73,7 +77,7 @@ BUDGETS: dict[str, dict] = {
             ("pgd", "pgd-margin", "margin", "best", 15),
             ("pgd", "pgd-ce", "ce", "zero", 12),
             ("targeted", 1, 12),
-            *[("lwc-run", f"lwc-random-{i}", "random", 30) for i in range(1, 5)],
+            *[("lwc-run", f"lwc-random-{i}", "random", 30, 10) for i in range(1, 5)],
             ("lwc-refine", 20, 4, 3),
         ],
         min_steps=60,
@@ -88,7 +92,7 @@ BUDGETS: dict[str, dict] = {
             ("pgd", "pgd-ce-random", "ce", "random", 20),
             ("pgd", "pgd-margin-random", "margin", "random", 20),
             ("targeted", 3, 20),
-            *[("lwc-run", f"lwc-random-{i}", "random", 40) for i in range(1, 11)],
+            *[("lwc-run", f"lwc-random-{i}", "random", 40, 20) for i in range(1, 11)],
             ("lwc-refine", 40, 6, 6),
         ],
         min_steps=120,
@@ -194,7 +198,7 @@ def _epochs(plan: dict, prob: C.Problem) -> int:
         elif kind == "targeted":
             n += st[1] * _stage_epochs(plan, prob, st[2])
         elif kind == "lwc-run":
-            n += st[3]
+            n += st[3] + (_stage_epochs(plan, prob, st[4]) if st[4] else 0)
         else:
             n += st[1] + (st[3] - 1) * st[2]
     return n
@@ -274,7 +278,7 @@ def _ensemble(prob: C.Problem, init, plan: dict, kappa: float, seed: int, bar):
             history += [dict(stage=kind, **e) for e in h]
             record(kind, found, t, c=sett["c"], epochs=sett["epochs"])
         elif kind == "lwc-run":
-            _, name, where, epochs = st
+            _, name, where, epochs, refine = st
             if best.correct == 0:
                 continue
             found, _, stats = S.adam_search(
@@ -290,6 +294,19 @@ def _ensemble(prob: C.Problem, init, plan: dict, kappa: float, seed: int, bar):
                 label=name,
             )
             history.append(dict(stage=name, start=where, **stats))
+            if refine:
+                found = S.sign_search(
+                    prob,
+                    found,
+                    loss="margin",
+                    kappa=kappa,
+                    epochs=_stage_epochs(plan, prob, refine),
+                    eta=th / 4,
+                    eta_min=th / 100,
+                    history=history,
+                    bar=bar,
+                    label=f"{name}+pgd",
+                )
             record(name, found, t, start=where, epochs=stats["epochs"])
         elif kind == "pgd":
             _, name, loss, where, epochs = st

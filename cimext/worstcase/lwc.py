@@ -1,9 +1,9 @@
-"""LWC: Lagrange-based worst-case analysis (paper section III, objective (10), binary search on c).
+"""LWC: Lagrange-based worst-case analysis (paper section III, objective (10), search on c).
 
 The worst-case weight perturbation minimizes the number of correctly classified samples subject
 to max|ΔW| <= th_g (eq. 5). LWC relaxes the count to a sum of per-sample margins (eq. 6, 8) and
 the constraint to a Lagrange term (eq. 10), minimizes that by gradient descent (Adam), and
-binary-searches the multiplier c for the largest c whose perturbation stays within th_g.
+searches the multiplier c for the largest c whose perturbation stays within th_g.
 
 The margin. Eq. (8) as printed, max(max_{i≠t} O_i − O_t, 0), is zero exactly when a sample is
 misclassified, so minimizing it would *restore* correct classifications. The search needs the
@@ -20,18 +20,26 @@ What this implementation does, and why:
 - The constraint term. (10) writes it as L(ΔW) − th_g with L = max|ΔW|. The gradient of a max
   reaches one weight per step, which cannot hold millions of weights inside a bound under a
   per-weight optimizer such as Adam. We use the exact-penalty form of the same constraint,
-  R(u) = Σ_l Σ_i max(|u_li| − th_g, 0): zero iff L <= th_g, never below max(L − th_g, 0), and it
-  acts on every weight outside the bound. The objective is Σp + R/c (c·Σp + R divided by c).
+  R(u) = Σ_l Σ_i max(|u_li| − b_li, 0) (b = th_g, or the per-layer / per-weight bound): zero iff
+  every weight is inside its bound, never below max(L − th_g, 0), and it acts on every weight
+  outside the bound. The objective is Σp + R/c (c·Σp + R divided by c).
 - Proximal Adam. Putting R's gradient into Adam's moment estimates freezes every weight that
   touches the bound (its second moment jumps by (1/c)² and then decays over ~1/(1−β2) steps), so
   each batch takes an Adam step on the margin term only, followed by R's proximal step: every
   |u| above th_g moves back by lr/c (not past th_g). Adam moves a weight by about lr per step,
-  so for c up to about 1 the bound holds exactly, and above that weights with a consistent
-  push drift past it, the more the larger c: L(c) grows monotonically and the binary search
-  finds the edge. Below the edge LWC is box-constrained Adam on the margin objective, which is
-  why F-LWC (sign steps in the same box) estimates it well (the paper's Table IV).
-- Mini-batches. The margin term of a batch is scaled by N/B (an unbiased estimate of the dataset
-  sum); ``steps`` counts passes over the data (epochs) per c value.
+  (at most about 3·lr when the gradient's scale jumps), so for c up to about 1 the bound holds,
+  and above that weights with a consistent push drift past it, the more the larger c: L(c)
+  grows monotonically and the search finds the edge. Below the edge LWC is box-constrained Adam
+  on the margin objective, which is why F-LWC (sign steps in the same box) estimates it well
+  (the paper's Table IV).
+- The search starts inside the bound. The first c is ``c_start`` = 1/4 (the pull 4·lr exceeds
+  any Adam step, so that run is feasible by construction and gets the full ``steps``); c then
+  doubles while runs stay feasible and is bisected (in log space) between the largest feasible
+  and the smallest infeasible c, so at most the last few, short runs leave the bound. (Starting
+  in the middle of a wide bracket let L grow to 20x the bound for half the budget.)
+- ``steps`` counts passes over the data (epochs) per c value; ``steps`` for the first c, then
+  ``refine_steps``, each later run warm-started from the best clamped δ found so far (F-LWC's
+  and weight PGD's included when ``bracket``) with a fresh Adam state.
 - Feasible means L(u) <= th_g·(1 + tol). Whatever the search found, the reported δ is clamped to
   ±th_g·s_l and the reported accuracy is that of the clamped δ.
 
@@ -39,13 +47,16 @@ Speed:
 
 - Batches are moved to the model's device once; weights need no gradient (only δ does), and the
   CiM layers run in clean mode, i.e. plain F.linear / F.conv2d on W_used + δ.
-- Warm start: each Adam run after the first starts from the last feasible run's δ (or, while
-  no run was feasible, from the first run's δ clamped into the box), with a fresh Adam state and
-  ``refine_steps`` epochs, so the runs after the first refine instead of starting over.
+- The active set: a sample misclassified by κ has no gradient in Σp, so after every epoch (whose
+  evaluation pass gives every sample's margin) the next epoch's Adam steps run only on the
+  samples with margin > −κ, cut into as many mini-batches as the data has (an epoch keeps its
+  number of steps while each step gets cheaper). Once the accuracy is low an epoch costs little
+  more than its evaluation pass.
 - Early stop of an Adam run: when an epoch classified nothing correctly with δ inside the bound,
   or when the epoch objective has not improved by a relative ``rtol`` for ``patience`` epochs.
 - Early stop of the search: once a clamped δ reaches accuracy 0 no c can do better.
-- Each c value costs one extra forward pass over the data (the accuracy of its clamped δ).
+- Every epoch costs one forward pass over all the data (the accuracy of its clamped δ, from
+  which the lowest is kept: Adam's iterates oscillate around the box's corners).
 
 Of the clamped δ of all c values tried, the one with the lowest accuracy is returned (each is
 feasible after clamping, so this can only tighten the worst case); ``settings["c"]`` is the
