@@ -266,7 +266,7 @@ def test_compiles_fullgraph():
     bt = 0.05 * torch.rand(3, 4)
     want = _ref_mixed(deltas, grads, 0.01, [bt, 0.05])
 
-    @torch.compile(fullgraph=True, backend="eager")
+    @torch.compile(fullgraph=True, backend="aot_eager")  # functionalizes the in-place op
     def step(ds, gs, b):
         torch.ops.cimext.sign_step_(ds, gs, 0.01, [0.0, 0.05], [b, None])
 

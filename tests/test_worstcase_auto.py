@@ -97,9 +97,10 @@ def test_lwc_bracket_never_above_flwc_or_weight_pgd(mlp, data):
     assert plain.settings["bracket"] == {}
     # the search starts feasible (c_start) and never runs far outside the bound
     assert plain.history[0]["feasible"] and plain.history[0]["c"] == 0.25
-    assert sum(h["epochs"] for h in plain.history if not h["feasible"]) < sum(
-        h["epochs"] for h in plain.history
-    ) / 2
+    assert (
+        sum(h["epochs"] for h in plain.history if not h["feasible"])
+        < sum(h["epochs"] for h in plain.history) / 2
+    )
 
 
 def test_worst_case_budgets_and_seed(mlp, data):

@@ -2,6 +2,7 @@
 (cimext.zoo): the Table-I rows, the figures and JSON, atomic writing, bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -252,11 +253,15 @@ def test_trained_uses_the_cache(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------- CLI
 def _cli(*args, **kw):
+    # One thread: the models are tiny (threads only add overhead), and on a loaded machine
+    # OpenMP's spinning workers slow a run down many times over.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "cimext.cli", *args],
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
         **kw,
     )
 
