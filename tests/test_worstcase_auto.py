@@ -137,6 +137,18 @@ def test_chance_level_model_warns_not_crashes(mlp, data):
     assert res.verify(model, data) == res.accuracy
 
 
+def test_nothing_correct_to_begin_with(mlp, data):
+    # every label wrong for the clean model: accuracy 0 with a warning, no stage needed
+    model = _model(mlp)
+    with torch.no_grad():
+        wrong = [(x, (model(x).argmax(-1) + 1) % 10) for x, _ in data]
+    for budget in ("fast", "default"):
+        with pytest.warns(RuntimeWarning, match="chance"):
+            res = worst_case(model, wrong, 0.03, budget=budget, progress=False)
+        assert res.accuracy == 0.0 and res.clean_accuracy == 0.0
+        assert res.verify(model, wrong) == 0.0
+
+
 # ------------------------------------------------------------------------------- sweeps
 
 

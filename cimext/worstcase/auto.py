@@ -160,7 +160,8 @@ def worst_case(
                 seed=seed,
                 kappa=kappa,
                 stages=stages,
-                best_stage=min(stages, key=lambda s: s["accuracy"])["stage"],
+                # None: nothing to search (the start was already at accuracy 0)
+                best_stage=min(stages, key=lambda s: s["accuracy"])["stage"] if stages else None,
             )
             return C.make_result(
                 prob,
