@@ -286,11 +286,32 @@ class Problem:
             ms.append(margin(out.float(), y))
         return n, torch.cat(ms)
 
-    def subset(self, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The samples where ``mask`` (data order) holds, in as many mini-batches as the data
-        has (but none below MIN_SUBSET_BATCH samples): an epoch on a subset takes about as many
-        steps as one on all the data, each on fewer samples. All the batches when the inputs
-        cannot be concatenated."""
+    @torch.no_grad()
+    def evaluate_subset(
+        self, us: list[torch.Tensor], mask: torch.Tensor
+    ) -> tuple[int, torch.Tensor]:
+        """(number correct, margins) of the samples where ``mask`` holds (data order), with
+        δ_l = u_l·s_l; all the data when the inputs cannot be concatenated."""
+        from .lwc import margin
+
+        xy = self._concat()
+        if xy is None:
+            n, m = self.evaluate(us)
+            return n, m[mask]
+        x, y = xy
+        self.set_relative(us)
+        idx = mask.nonzero().flatten().to(x.device)
+        bs = max(int(b[1].numel()) for b in self.batches)
+        n, ms = 0, []
+        for i in range(0, idx.numel(), bs):
+            j = idx[i : i + bs]
+            out = self.model(x[j])
+            n += int((out.argmax(-1) == y[j]).sum())
+            ms.append(margin(out.float(), y[j]))
+        return n, (torch.cat(ms) if ms else torch.zeros(0, device=mask.device))
+
+    def _concat(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """All inputs and labels concatenated (once), or None when the inputs differ in shape."""
         if self._xy is None:
             try:
                 x = torch.cat([b[0] for b in self.batches])
@@ -298,9 +319,17 @@ class Problem:
                 self._xy = (None, None)
             else:
                 self._xy = (x, torch.cat([b[1] for b in self.batches]))
-        x, y = self._xy
-        if x is None:
+        return None if self._xy[0] is None else self._xy
+
+    def subset(self, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The samples where ``mask`` (data order) holds, in as many mini-batches as the data
+        has (but none below MIN_SUBSET_BATCH samples): an epoch on a subset takes about as many
+        steps as one on all the data, each on fewer samples. All the batches when the inputs
+        cannot be concatenated."""
+        xy = self._concat()
+        if xy is None:
             return self.batches
+        x, y = xy
         idx = mask.nonzero().flatten().to(x.device)
         n = idx.numel()
         parts = max(1, min(len(self.batches), n // MIN_SUBSET_BATCH))

@@ -16,21 +16,23 @@ of them reached. The default budget's stages, in order:
 3. ``targeted-k``: a constant prediction of class k leaves exactly the samples of class k
    correct, so when the rarest class's share is below the best accuracy so far, a search pushes
    every other sample towards it (and its own samples towards their runner-up) from the best δ.
-4. ``lwc-random-i``: LWC runs (proximal Adam at the first, feasible c of the search) from
+4. ``lwc-random-i`` (three): LWC runs (proximal Adam at the first, feasible c of the search) from
    uniform random starts in the box, each followed by sign PGD on the margin cost from where it
    ended: the accuracy LWC reaches varies by a point or more with its start, restarts take the
    best of several draws, and the sign steps often flip samples LWC left correct.
-5. ``lwc-refine``: the LWC c search warm-started from the best δ so far.
+5. ``lwc-refine`` and ``pgd-margin-final``: the LWC c search warm-started from the best δ so far,
+   then sign PGD on the margin cost from its result.
 
-Every stage after the first three works on the *active set* (the samples not yet misclassified
+Every stage but flwc and weight_pgd works on the *active set* (the samples not yet misclassified
 by the margin confidence κ, in as many mini-batches as the data has) and evaluates its δ after
-every epoch, keeping the lowest (see cimext.worstcase._search), so it costs little more than one
-forward pass per epoch once the accuracy is low. Every stage's δ is inside the bound (sign steps
+every epoch (watching only the samples that can flip between full passes), keeping the lowest
+(see cimext.worstcase._search), so an epoch costs a fraction of a pass over the data once the
+accuracy is low. Every stage's δ is inside the bound (sign steps
 project, LWC's δ is clamped) and the result is the lowest-accuracy δ of all stages, so its
 accuracy is never above any stage's; ``settings["stages"]`` lists each stage's own accuracy,
 the best so far and its seconds. ``budget="fast"`` is one LWC run from δ = 0 with short sign-PGD
-refinements (about the time of F-LWC); ``"thorough"`` adds restarts and epochs (about 3x the
-default).
+refinements (about 1.5x the time of F-LWC); ``"thorough"`` adds restarts and epochs (about 3x
+the default).
 """
 
 from __future__ import annotations
@@ -63,9 +65,9 @@ _LWC = dict(c_start=0.25, tol=0.02, patience=5, rtol=1e-3)
 BUDGETS: dict[str, dict] = {
     "fast": dict(
         stages=[
-            ("lwc-run", "lwc-run", "zero", 30, 0),
+            ("lwc-run", "lwc-run", "zero", 25, 0),
             ("pgd", "pgd-margin", "margin", "best", 6),
-            ("pgd", "pgd-ce", "ce", "zero", 6),
+            ("pgd", "pgd-ce", "ce", "zero", 4),
         ],
         min_steps=30,
     ),
@@ -77,8 +79,9 @@ BUDGETS: dict[str, dict] = {
             ("pgd", "pgd-margin", "margin", "best", 15),
             ("pgd", "pgd-ce", "ce", "zero", 12),
             ("targeted", 1, 12),
-            *[("lwc-run", f"lwc-random-{i}", "random", 30, 10) for i in range(1, 5)],
+            *[("lwc-run", f"lwc-random-{i}", "random", 30, 12) for i in range(1, 4)],
             ("lwc-refine", 20, 4, 3),
+            ("pgd", "pgd-margin-final", "margin", "best", 12),
         ],
         min_steps=60,
     ),
@@ -90,10 +93,10 @@ BUDGETS: dict[str, dict] = {
             ("pgd", "pgd-margin", "margin", "best", 30),
             ("pgd", "pgd-ce", "ce", "zero", 20),
             ("pgd", "pgd-ce-random", "ce", "random", 20),
-            ("pgd", "pgd-margin-random", "margin", "random", 20),
             ("targeted", 3, 20),
-            *[("lwc-run", f"lwc-random-{i}", "random", 40, 20) for i in range(1, 11)],
+            *[("lwc-run", f"lwc-random-{i}", "random", 40, 30) for i in range(1, 13)],
             ("lwc-refine", 40, 6, 6),
+            ("pgd", "pgd-margin-final", "margin", "best", 30),
         ],
         min_steps=120,
     ),
@@ -126,7 +129,7 @@ def worst_case(
             result per bound, in order, each warm-started from the previous δ, so the accuracy
             is non-increasing in th_g); or a dict layer name -> number or tensor of the weight's
             shape (per-layer / per-weight bounds; unnamed layers are not perturbed).
-        budget: "fast" (one LWC run and short sign-PGD refinements: about F-LWC's time),
+        budget: "fast" (one LWC run and short sign-PGD refinements: about 1.5x F-LWC's time),
             "default", or "thorough" (more restarts and epochs: about 3x the default).
         seed: seeds weight_pgd's random start and the random restarts (CPU generator: the same
             seed gives the same starts on every device).
@@ -191,7 +194,7 @@ def _epochs(plan: dict, prob: C.Problem) -> int:
         if kind == "flwc":
             n += 20
         elif kind == "lwc":
-            n += 30 + 5 * 6
+            n += 30 + 2 * 6
         elif kind == "weight_pgd":
             n += 10
         elif kind == "pgd":
@@ -256,7 +259,7 @@ def _ensemble(prob: C.Problem, init, plan: dict, kappa: float, seed: int, bar):
         elif kind in ("lwc", "lwc-refine"):
             if kind == "lwc":
                 # lwc's bracket is the flwc and weight_pgd stages (same defaults, same start)
-                first, later, runs, s0 = 30, 6, 6, init
+                first, later, runs, s0 = 30, 6, 3, init
                 cands = {n: found_by[n] for n in ("flwc", "weight_pgd") if n in found_by}
             else:
                 first, later, runs = st[1:]

@@ -130,7 +130,7 @@ def lwc(
     lr: float | None = None,
     c: float | None = None,
     c_start: float = 0.25,
-    search_steps: int = 6,
+    search_steps: int = 3,
     refine_steps: int | None = None,
     kappa: float | None = None,
     tol: float = 0.02,
