@@ -2,9 +2,9 @@
 
 Trains a 4-bit LeNet on the digits data set that ships with scikit-learn (or reuses it from the
 cache, see cimext.zoo), then runs Monte Carlo over 1,000 write-verified device instances, weight
-PGD, F-LWC and LWC at th_g = 0.03, prints the Table-I-style comparison and writes a
-self-contained report (report.html with the figures embedded, report.json, the perturbations)
-into --out.
+PGD, F-LWC, LWC and the ensemble worst_case ("auto", the default analysis, with its stages) at
+th_g = 0.03, prints the Table-I-style comparison and writes a self-contained report (report.html
+with the figures embedded, report.json, the perturbations) into --out.
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ def add_parser(sub) -> None:
         description=__doc__.split("\n\n")[1].replace("\n", " "),
     )
     p.add_argument("--out", default="runs/demo", help="report folder (default runs/demo)")
-    p.add_argument("--th-g", type=float, default=0.03, help="bound, fraction of full scale")
+    p.add_argument(
+        "--th-g",
+        default="0.03",
+        help="bound, fraction of full scale (increasing bounds separated by commas: a sweep)",
+    )
     p.add_argument("--mc-n", type=int, default=1000, help="Monte Carlo instances")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -36,6 +40,7 @@ def run(a) -> int:
         quant="4,4",
         method="all",
         th_g=a.th_g,
+        budget="default",
         split="test",
         batch_size=512,
         mc_n=a.mc_n,

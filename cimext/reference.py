@@ -297,22 +297,31 @@ def check_sign_step(
     grads: Sequence[torch.Tensor],
     eta: float,
     bounds: Sequence[float],
+    bound_tensors: Sequence[torch.Tensor | None] | None = None,
     *,
     memory: bool = True,
 ) -> None:
     """Raise, naming the argument, unless sign_step_ may run on these arguments (the rules of the
     C++ kernels): one grad and one bound per delta; every delta float32 / float64 / float16 /
     bfloat16 on one device; grads[i] like deltas[i] in shape, dtype and device; eta and every bound
-    finite and >= 0; with ``memory``, no delta that overlaps itself or another delta. Reads no
-    tensor data, so a backend that checks first writes nothing when the call is rejected."""
+    finite and >= 0; ``bound_tensors`` None or one entry per delta, each None (bounds[i] holds) or
+    a tensor like deltas[i] in shape, dtype and device. With ``memory``: no delta that overlaps
+    itself or another delta, no bound tensor sharing memory with a delta, and every bound tensor's
+    entries finite and >= 0 (the one check that reads tensor data; fake tensors skip it). A
+    backend that checks first writes nothing when the call is rejected."""
     if not len(deltas) == len(grads) == len(bounds):
         raise ValueError(
             "deltas, grads and bounds need one entry per tensor, got "
             f"{len(deltas)} deltas, {len(grads)} grads and {len(bounds)} bounds"
         )
+    if bound_tensors is not None and len(bound_tensors) != len(deltas):
+        raise ValueError(
+            f"bound_tensors needs one entry (a tensor or None) per delta, got "
+            f"{len(bound_tensors)} for {len(deltas)} deltas"
+        )
     if not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be finite and >= 0, got {eta}")
-    spans = []
+    spans, bound_spans = [], []
     for i, (d, g, b) in enumerate(zip(deltas, grads, bounds, strict=True)):
         for name, t in (("deltas", d), ("grads", g)):
             if not isinstance(t, torch.Tensor):
@@ -336,14 +345,39 @@ def check_sign_step(
             raise ValueError(
                 f"grads[{i}] shape {tuple(g.shape)} must equal deltas[{i}] shape {tuple(d.shape)}"
             )
+        bt = None if bound_tensors is None else bound_tensors[i]
+        if bt is not None:
+            if not isinstance(bt, torch.Tensor):
+                raise TypeError(
+                    f"bound_tensors[{i}] must be a torch.Tensor or None, got {type(bt).__name__}"
+                )
+            if bt.device != d.device:
+                raise ValueError(
+                    f"bound_tensors[{i}] is on {bt.device} but deltas[{i}] is on {d.device}"
+                )
+            if bt.dtype != d.dtype:
+                raise TypeError(
+                    f"bound_tensors[{i}] dtype {bt.dtype} must match deltas[{i}] dtype {d.dtype}"
+                )
+            if bt.shape != d.shape:
+                raise ValueError(
+                    f"bound_tensors[{i}] shape {tuple(bt.shape)} must equal deltas[{i}] shape "
+                    f"{tuple(d.shape)}"
+                )
         if memory and d.numel() > 0:
             if torch._debug_has_internal_overlap(d) == 1:
                 raise ValueError(
                     f"deltas[{i}] has elements that share memory (an expanded view?); "
                     "it cannot be written"
                 )
-            extent = 1 + sum((n - 1) * s for n, s in zip(d.shape, d.stride(), strict=True))
-            spans.append((d.data_ptr(), d.data_ptr() + extent * d.element_size(), i))
+            spans.append((*_span(d), i))
+            if bt is not None:
+                if not bool((bt >= 0).all()) or not bool(torch.isfinite(bt).all()):
+                    raise ValueError(
+                        f"bound_tensors[{i}] must be finite and >= 0 everywhere (it has a "
+                        "negative, NaN or infinite entry)"
+                    )
+                bound_spans.append((*_span(bt), i))
     spans.sort()
     for (_, end, i), (start, _, j) in zip(spans, spans[1:], strict=False):
         if start < end:
@@ -351,6 +385,18 @@ def check_sign_step(
                 f"deltas[{i}] and deltas[{j}] overlap in memory; every delta must be a "
                 "separate tensor"
             )
+    for b_start, b_end, i in bound_spans:
+        for start, end, j in spans:
+            if b_start < end and start < b_end:
+                raise ValueError(
+                    f"bound_tensors[{i}] shares memory with deltas[{j}], which is written"
+                )
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) of a non-empty tensor with non-negative strides."""
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
 
 
 def sign_step_(
@@ -358,19 +404,27 @@ def sign_step_(
     grads: Sequence[torch.Tensor],
     eta: float,
     bounds: Sequence[float],
+    bound_tensors: Sequence[torch.Tensor | None] | None = None,
 ) -> None:
-    """deltas[i] ← clamp(deltas[i] − eta·sign(grads[i]), −bounds[i], bounds[i]) in place.
+    """deltas[i] ← clamp(deltas[i] − eta·sign(grads[i]), −b_i, b_i) in place, where b_i is
+    bound_tensors[i] (per element) when given and bounds[i] otherwise.
 
     sign(0) = 0 (and sign(NaN) = 0, as torch.sign); a NaN delta stays NaN. The step is computed in
     float64 for float64 deltas and in float32 otherwise (eta rounded to that type, not to float16:
-    ATen's CPU ``sub_(..., alpha=eta)`` would round it to the tensor's dtype), then rounded once.
-    For float32 / float64 this equals ``d.sub_(eta * g.sign()).clamp_(-b, b)``."""
-    check_sign_step(deltas, grads, eta, bounds)
+    ATen's CPU ``sub_(..., alpha=eta)`` would round it to the tensor's dtype; a bound tensor
+    converted exactly), then rounded once. For float32 / float64 this equals
+    ``d.sub_(eta * g.sign()).clamp_(-b, b)``."""
+    check_sign_step(deltas, grads, eta, bounds, bound_tensors)
     with torch.no_grad():
-        for d, g, b in zip(deltas, grads, bounds, strict=True):
+        for i, (d, g, b) in enumerate(zip(deltas, grads, bounds, strict=True)):
             acc = torch.float64 if d.dtype == torch.float64 else torch.float32
             step = d.to(acc) - eta * g.sign().to(acc)
-            d.copy_(step.clamp_(-b, b))
+            bt = None if bound_tensors is None else bound_tensors[i]
+            if bt is None:
+                d.copy_(step.clamp_(-b, b))
+            else:
+                bt = bt.to(acc)
+                d.copy_(step.clamp_(min=-bt, max=bt))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,9 +30,11 @@ TORCH_LIBRARY(cimext, m) {
   m.def("perturbed_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? delta, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups, bool x_stacked, " CIMEXT_NOISE_ARGS
         ") -> Tensor");
-  // For every i: deltas[i] <- clamp(deltas[i] - eta * sign(grads[i]), -bounds[i], bounds[i]), in
-  // place (sign(0) = 0). One step of F-LWC / weight PGD over all layers' perturbations.
-  m.def("sign_step_(Tensor(a!)[] deltas, Tensor[] grads, float eta, float[] bounds) -> ()");
+  // For every i: deltas[i] <- clamp(deltas[i] - eta * sign(grads[i]), -b_i, b_i), in place
+  // (sign(0) = 0), with b_i = bound_tensors[i] (per element, like deltas[i]) where given and
+  // bounds[i] otherwise. One step of F-LWC / weight PGD over all layers' perturbations.
+  m.def("sign_step_(Tensor(a!)[] deltas, Tensor[] grads, float eta, float[] bounds, "
+        "Tensor?[]? bound_tensors=None) -> ()");
   // Raw Philox streams (debugging, tests): values j0 .. j0 + n - 1 of stream `stream` (a Philox
   // key as an int64 bit pattern), float32 normals (randn4x order) or uniforms (rand4x order).
   m.def("_philox_normals(int stream, int j0, int n) -> Tensor");

@@ -1,5 +1,5 @@
-"""sign_step_: every backend equals the reference bit for bit, the step's semantics, opcheck, and
-bad input that raises before anything is written."""
+"""sign_step_: every backend equals the reference bit for bit (number and per-element bounds), the
+step's semantics, opcheck, torch.compile, and bad input that raises before anything is written."""
 
 import os
 
@@ -193,6 +193,156 @@ def test_opcheck(ns):
     torch.library.opcheck(op, ([deltas[0].t()], [grads[0].t()], 0.0, [0.1]))
 
 
+# --- per-element bounds ---------------------------------------------------------------------------
+def _tensor_bounds(deltas, seed=9):
+    """Every other delta gets a per-element bound with exact zeros; the rest keep a number."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, d in enumerate(deltas):
+        if i % 2:
+            out.append(0.05 + 0.01 * i)
+        else:
+            b = 0.1 * torch.rand(d.shape, generator=g)
+            b[torch.rand(d.shape, generator=g) < 0.2] = 0.0
+            out.append(b.to(d.dtype))
+    return out
+
+
+def _ref_mixed(deltas, grads, eta, bounds):
+    out = [d.clone() for d in deltas]
+    numbers = [0.0 if isinstance(b, torch.Tensor) else b for b in bounds]
+    tensors = [b if isinstance(b, torch.Tensor) else None for b in bounds]
+    ref.sign_step_(out, grads, eta, numbers, tensors)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_tensor_bounds_match_reference(backend, dtype):
+    shapes = SHAPES if dtype in (torch.float32, torch.float64) else [(7,), (1025,), (3, 5, 7)]
+    deltas, grads, _ = _case(dtype, shapes=shapes, seed=10)
+    bounds = _tensor_bounds(deltas)
+    want = _ref_mixed(deltas, grads, 0.0123, bounds)
+    _step(backend, deltas, grads, 0.0123, bounds)
+    _assert_equal(deltas, want, backend)
+    for d, b in zip(deltas, bounds, strict=True):
+        if isinstance(b, torch.Tensor):
+            assert bool((d.abs() <= b).all())
+            assert not d[b == 0].any()  # a zero bound pins the element at 0
+
+
+def test_tensor_bound_semantics():
+    # reference = the naive formula with a tensor clamp; a bound equal everywhere = the number
+    deltas, grads, bounds = _case(torch.float64, shapes=[(5, 7)], seed=11)
+    b = torch.full((5, 7), bounds[0], dtype=torch.float64)
+    naive = deltas[0].clone().sub_(0.02 * grads[0].sign()).clamp_(-b, b)
+    assert torch.equal(_ref_mixed(deltas, grads, 0.02, [b])[0], naive)
+    assert torch.equal(_ref(deltas, grads, 0.02, bounds)[0], naive)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_bounds_noncontiguous(backend):
+    d = (0.1 * torch.randn(9, 97)).t()
+    g = torch.randn(97, 9)
+    b = (0.05 * torch.rand(9, 97)).t()  # strided bound
+    want = _ref_mixed([d], [g], 0.03, [b])
+    _step(backend, [d], [g], 0.03, [b])
+    _assert_equal([d], want)
+
+
+@pytest.mark.parametrize(
+    "ns", ["cimext", pytest.param("cimext_triton", marks=pytest.mark.interpreter)]
+)
+def test_opcheck_tensor_bounds(ns):
+    if ns == "cimext_triton":
+        _step("triton", [torch.zeros(1)], [torch.zeros(1)], 0.0, 0.0)  # registers the namespace
+    deltas, grads, bounds = _case(torch.float32, shapes=[(3, 4), (7,)])
+    op = getattr(torch.ops, ns).sign_step_.default
+    torch.library.opcheck(op, (deltas, grads, 0.01, bounds, [0.1 * torch.rand(3, 4), None]))
+
+
+def test_compiles_fullgraph():
+    deltas, grads, _ = _case(torch.float32, shapes=[(3, 4), (7,)])
+    bt = 0.05 * torch.rand(3, 4)
+    want = _ref_mixed(deltas, grads, 0.01, [bt, 0.05])
+
+    @torch.compile(fullgraph=True, backend="aot_eager")  # functionalizes the in-place op
+    def step(ds, gs, b):
+        torch.ops.cimext.sign_step_(ds, gs, 0.01, [0.0, 0.05], [b, None])
+
+    step(deltas, grads, bt)
+    _assert_equal(deltas, want)
+
+
+def _raw_tensor_bounds(ns):
+    def call(deltas, grads, eta, bounds):
+        numbers = [0.0 if isinstance(b, torch.Tensor) else b for b in bounds]
+        tensors = [b if isinstance(b, torch.Tensor) else None for b in bounds]
+        getattr(torch.ops, ns).sign_step_(deltas, grads, eta, numbers, tensors)
+
+    return call
+
+
+BAD_TENSOR_BOUNDS = {
+    "bound shape": (lambda d: [0.5, torch.rand(3, 2)], ValueError, r"bound_tensors\[1\] shape"),
+    "negative entry": (
+        lambda d: [0.5, torch.tensor([[0.1, -0.1, 0.1], [0.1, 0.1, 0.1]])],
+        ValueError,
+        r"bound_tensors\[1\] must be finite and >= 0",
+    ),
+    "nan entry": (
+        lambda d: [0.5, torch.tensor([[0.1, float("nan"), 0.1], [0.1, 0.1, 0.1]])],
+        ValueError,
+        r"bound_tensors\[1\] must be finite",
+    ),
+    "inf entry": (
+        lambda d: [0.5, torch.full((2, 3), float("inf"))],
+        ValueError,
+        r"bound_tensors\[1\] must be finite",
+    ),
+    "bound is a delta": (
+        lambda d: [0.5, d[1].abs_()],
+        ValueError,
+        r"shares memory with deltas\[1\]",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "caller",
+    ["ops-cpp", "ops-ref", "ops-triton", "raw-cimext", "raw-cimext_triton"],
+)
+@pytest.mark.parametrize("case", list(BAD_TENSOR_BOUNDS))
+def test_bad_tensor_bounds_write_nothing(caller, case):
+    make_bounds, exc, match = BAD_TENSOR_BOUNDS[case]
+    deltas, grads, eta, _ = _good()
+    bounds = make_bounds(deltas)
+    before = [d.clone() for d in deltas]
+    if caller.endswith("triton"):
+        _step("triton", [torch.zeros(1)], [torch.zeros(1)], 0.0, 0.0)  # registers the namespace
+    if caller.startswith("raw"):
+        call = _raw_tensor_bounds(caller.split("-")[1])
+    else:
+        call = CALLERS[caller]
+    with pytest.raises(exc, match=match):
+        call(deltas, grads, eta, bounds)
+    _assert_equal(deltas, before)
+
+
+@pytest.mark.parametrize("ns", ["cimext", "cimext_triton"])
+def test_raw_bound_tensor_list_checks(ns):
+    _step("triton", [torch.zeros(1)], [torch.zeros(1)], 0.0, 0.0)  # registers the namespace
+    op = getattr(torch.ops, ns).sign_step_
+    d, g = [torch.zeros(4)], [torch.ones(4)]
+    with pytest.raises(ValueError, match="bound_tensors needs one entry"):
+        op(d, g, 0.1, [0.5], [None, None])
+    with pytest.raises(TypeError, match=r"bound_tensors\[0\] dtype"):
+        op(d, g, 0.1, [0.5], [torch.ones(4, dtype=torch.float64)])
+    with pytest.raises(ValueError, match=r"bound_tensors\[0\] is on meta"):
+        op(d, g, 0.1, [0.5], [torch.ones(4, device="meta")])
+    assert not d[0].any()
+
+
 # --- bad input -----------------------------------------------------------------------------------
 def _good():
     """Two valid pairs; the bad cases spoil the second so the first would be written first."""
@@ -332,8 +482,19 @@ def _check_device(device, large=True):
             assert not dev[4].is_contiguous()
             _step(backend, dev, [t.to(device) for t in grads], 0.0123, bounds)
             _assert_equal([d.cpu() for d in dev], want, backend)
+        # per-element bounds on every other tensor
+        deltas, grads, _ = _case(dtype, shapes=shapes, seed=12)
+        bounds = _tensor_bounds(deltas)
+        want = _ref_mixed(deltas, grads, 0.0123, bounds)
+        for backend in ("cpp", "triton"):
+            dev = [d.to(device, copy=True) for d in deltas]
+            dev_bounds = [b.to(device) if isinstance(b, torch.Tensor) else b for b in bounds]
+            _step(backend, dev, [t.to(device) for t in grads], 0.0123, dev_bounds)
+            _assert_equal([d.cpu() for d in dev], want, backend)
     d, gr = torch.randn(5, device=device), torch.randn(5, device=device)
     torch.library.opcheck(torch.ops.cimext.sign_step_.default, ([d], [gr], 0.1, [0.5]))
+    b = torch.rand(5, device=device)
+    torch.library.opcheck(torch.ops.cimext.sign_step_.default, ([d], [gr], 0.1, [0.0], [b]))
 
 
 @pytest.mark.interpreter

@@ -204,10 +204,10 @@ def test_lwc_fixed_c_single_run(trained, test_data):
 
 def test_lwc_stops_when_everything_is_lost(trained, test_data):
     model = _model(trained, "mlp")
-    res = lwc(model, test_data, 1.0, progress=False)
+    res = lwc(model, test_data, 2.0, progress=False)
     assert res.accuracy == 0.0
     assert len(res.history) < res.settings["search_steps"]  # stopped at accuracy 0
-    _check_result(res, model, test_data, 1.0)
+    _check_result(res, model, test_data, 2.0)
 
 
 def test_reproducible(trained, test_data):
@@ -302,7 +302,7 @@ def test_save_load_round_trip(trained, test_data, tmp_path):
         (lambda m, d: lwc(m, d, 0.03, steps=1.5), TypeError, "steps"),
         (lambda m, d: lwc(m, d, 0.03, lr=0), ValueError, "lr"),
         (lambda m, d: lwc(m, d, 0.03, c=-1), ValueError, "c"),
-        (lambda m, d: lwc(m, d, 0.03, c_range=(1.0, 0.1)), ValueError, "c_range"),
+        (lambda m, d: lwc(m, d, 0.03, c_start=0.0), ValueError, "c_start"),
         (lambda m, d: lwc(m, d, 0.03, search_steps=0), ValueError, "search_steps"),
         (lambda m, d: flwc(m, d, 0.0), ValueError, "th_g"),
         (lambda m, d: flwc(m, d, 0.03, eta=0.0), ValueError, "eta"),

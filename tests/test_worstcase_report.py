@@ -2,6 +2,7 @@
 (cimext.zoo): the Table-I rows, the figures and JSON, atomic writing, bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,11 @@ def rep(model, data):
 
 def test_table_has_every_method_in_order(rep):
     rows = rep.table()
-    assert [r["method"] for r in rows] == ["clean", "mc", "pgd", "flwc", "lwc"]
+    methods = [r["method"] for r in rows]
+    assert methods[:6] == ["clean", "mc", "pgd", "flwc", "lwc", "auto"]
+    # the ensemble's stages follow its row
+    stages = rep.results["auto"].settings["stages"]
+    assert methods[6:] == [f"auto:{s['stage']}" for s in stages]
     assert rows[0]["accuracy"] == rep.clean_accuracy > 0.5
     mc = rep.monte_carlo
     assert mc.n == 64 and rows[1]["accuracy"] == mc.min
@@ -72,9 +77,19 @@ def test_table_has_every_method_in_order(rep):
     for r in rows[2:]:
         assert r["accuracy"] < mc.min
         assert r["seconds"] > 0
+    # the ensemble is the lowest of them all
+    assert rows[5]["accuracy"] == min(r["accuracy"] for r in rows[2:])
     text = rep.format_table()
-    for label in ("clean", "Monte Carlo min of 64", "weight PGD", "F-LWC", "LWC"):
+    for label in (
+        "clean",
+        "Monte Carlo min of 64",
+        "weight PGD",
+        "F-LWC",
+        "LWC",
+        "auto (ensemble)",
+    ):
         assert label in text
+    assert "  stage lwc-refine" in text
 
 
 def test_mc_population_is_write_verified_to_th_g(rep, model):
@@ -110,10 +125,10 @@ def test_write_json_figures_html(rep, tmp_path):
     files = report.write(rep, tmp_path / "out", html=True, extra=dict(note="x"))
     names = {p.name for p in files}
     assert FIGURES <= names
-    assert {"report.json", "report.html", "lwc", "flwc", "pgd"} <= names
+    assert {"report.json", "report.html", "lwc", "flwc", "pgd", "auto"} <= names
     d = json.loads((tmp_path / "out" / "report.json").read_text())
     assert d["kind"] == "worst_case_report" and d["note"] == "x"
-    assert [r["method"] for r in d["table"]] == ["clean", "mc", "pgd", "flwc", "lwc"]
+    assert [r["method"] for r in d["table"]][:6] == ["clean", "mc", "pgd", "flwc", "lwc", "auto"]
     assert len(d["monte_carlo"]["accuracies"]) == 64
     html = (tmp_path / "out" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(FIGURES)
@@ -139,6 +154,7 @@ def test_subset_of_methods(model, data):
     r = report.analyze(model, data, methods="pgd", progress=False)
     assert [row["method"] for row in r.table()] == ["clean", "pgd"]
     assert r.monte_carlo is None and r.eta_sweep == [] and r.worst == "pgd"
+    assert r.sweep == {} and r.th_gs == [0.03]
     assert report.check_methods("lwc, pgd,lwc") == ("lwc", "pgd")
     assert report.check_methods("all") == report.METHODS
 
@@ -150,6 +166,11 @@ def test_subset_of_methods(model, data):
         (dict(methods=[]), ValueError, "methods is empty"),
         (dict(th_g=0.0), ValueError, "th_g"),
         (dict(th_g=-1.0), ValueError, "th_g"),
+        (dict(th_g=[0.02, 0.01]), ValueError, "increasing"),
+        (dict(th_g=[]), ValueError, "empty"),
+        (dict(th_g={"conv1": 0.03}), TypeError, "per-layer"),
+        (dict(methods="auto", budget="huge"), ValueError, "budget"),
+        (dict(th_g=[0.01, 0.03], eta=0.02), ValueError, "eta"),
         (dict(mc_n=0), ValueError, "mc_n"),
         (dict(eta=0.5), ValueError, "eta"),
         (dict(mc_device="x"), TypeError, "mc_device"),
@@ -158,6 +179,28 @@ def test_subset_of_methods(model, data):
 def test_bad_arguments(model, data, kw, exc, match):
     with pytest.raises(exc, match=match):
         report.analyze(model, data, progress=False, **kw)
+
+
+def test_sweep_report_table_json_and_figure(model, data, tmp_path):
+    ths = [0.01, 0.02, 0.04]
+    r = report.analyze(
+        model, data, th_g=ths, methods="auto,flwc", budget="fast", eta_sweep=None, progress=False
+    )
+    assert r.th_gs == ths and r.th_g == 0.04 and set(r.sweep) == {"auto", "flwc"}
+    for m, rs in r.sweep.items():
+        accs = [x.accuracy for x in rs]
+        assert all(a >= b for a, b in zip(accs, accs[1:], strict=False)), (m, accs)
+        assert [x.th_g for x in rs] == ths and r.results[m] is rs[-1]
+    rows = r.sweep_table()
+    assert [row["th_g"] for row in rows] == ths
+    assert rows[-1]["auto"] == r.results["auto"].accuracy
+    assert "th_g sweep" in r.format_table()
+    files = {p.name for p in report.write(r, tmp_path / "out")}
+    assert "fig8_th_g_sweep.png" in files
+    d = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert d["th_gs"] == ths and len(d["sweep"]["auto"]) == 3
+    back = cimext.worstcase.WorstCaseResult.load(tmp_path / "out" / "auto" / "th_g-0.02")
+    assert back.th_g == 0.02 and back.verify(model, data) == back.accuracy
 
 
 def test_unconverted_model_and_empty_data(data):
@@ -210,11 +253,15 @@ def test_trained_uses_the_cache(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------- CLI
 def _cli(*args, **kw):
+    # One thread: the models are tiny (threads only add overhead), and on a loaded machine
+    # OpenMP's spinning workers slow a run down many times over.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "cimext.cli", *args],
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
         **kw,
     )
 
@@ -228,10 +275,10 @@ def test_cli_worst_case(model, tmp_path):
         str(run),
         "--mc-n",
         "32",
-        "--lwc-steps",
-        "3",
-        "--search-steps",
-        "2",
+        "--method",
+        "mc,auto",
+        "--budget",
+        "fast",
         "--no-eta-sweep",
         "--out",
         str(out),
@@ -239,12 +286,38 @@ def test_cli_worst_case(model, tmp_path):
         "--html",
     )
     assert r.returncode == 0, r.stderr
-    for label in ("Monte Carlo min of 32", "weight PGD", "F-LWC", "LWC", "clean"):
+    for label in ("Monte Carlo min of 32", "auto (ensemble)", "clean"):
         assert label in r.stdout
     d = json.loads((out / "report.json").read_text())
     assert d["model_record"]["dataset"] == "digits"
-    assert (FIGURES - {"fig7_eta_tradeoff.png"}) <= {p.name for p in out.iterdir()}
+    assert {"fig1_mc_histogram.png", "fig4_confidence.png"} <= {p.name for p in out.iterdir()}
     assert (out / "report.html").is_file()
+    assert d["settings"]["methods"] == ["mc", "auto"]  # --method auto is the default
+
+
+def test_cli_worst_case_sweep(model, tmp_path):
+    run = _save_run(model, tmp_path / "run")
+    out = tmp_path / "sweep"
+    r = _cli(
+        "worst-case",
+        "--run",
+        str(run),
+        "--th-g",
+        "0.01,0.02,0.03",
+        "--budget",
+        "fast",
+        "--method",
+        "auto,flwc",
+        "--no-eta-sweep",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "th_g sweep" in r.stdout
+    assert (out / "fig8_th_g_sweep.png").is_file()
+    d = json.loads((out / "report.json").read_text())
+    assert d["th_gs"] == [0.01, 0.02, 0.03] and len(d["sweep_table"]) == 3
 
 
 def test_cli_untrained_model_warns_not_crashes(tmp_path):
@@ -261,6 +334,10 @@ def test_cli_untrained_model_warns_not_crashes(tmp_path):
     [
         (["--method", "nope"], 2, "--method"),
         (["--th-g", "0"], 2, "--th-g must be > 0"),
+        (["--th-g", "nan"], 2, "--th-g must be > 0"),
+        (["--th-g", "0.02,0.01"], 2, "--th-g must be strictly increasing"),
+        (["--th-g", "0.01,x"], 2, "--th-g must be a number"),
+        (["--budget", "huge"], 2, "--budget"),
         (["--eta", "0.5"], 2, "--eta must be in"),
         (["--mc-n", "0"], 2, "--mc-n must be >= 1"),
         (["--batch-size", "0"], 2, "--batch-size must be >= 1"),

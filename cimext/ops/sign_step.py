@@ -17,11 +17,14 @@ def sign_step_(
     deltas: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     eta: float,
-    bounds: float | Sequence[float],
+    bounds: float | Sequence[float | torch.Tensor],
 ) -> None:
-    """One signed-gradient step on every delta, projected onto |δ_i| <= bounds[i] (F-LWC, weight
-    PGD). ``bounds``: one bound for all tensors or one per tensor, in weight units (th_g · s_l).
-    Runs without autograd, like an optimizer step; nothing is written if an argument is bad."""
+    """One signed-gradient step on every delta, projected onto |δ_i| <= b_i (F-LWC, weight PGD).
+
+    ``bounds``: one number for all tensors, or one entry per tensor: a number, or a tensor of
+    that delta's shape (per-element bounds, e.g. tight on write-verified weights; converted to
+    the delta's dtype and device), in weight units. Runs without autograd, like an optimizer
+    step; nothing is written if an argument is bad."""
     if isinstance(deltas, torch.Tensor) or isinstance(grads, torch.Tensor):
         raise TypeError("deltas and grads must be lists of tensors (wrap one tensor in a list)")
     deltas, grads = list(deltas), list(grads)
@@ -30,33 +33,49 @@ def sign_step_(
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
     eta = _spec.check_nonnegative("eta", eta)
-    bounds = _bound_list(bounds, len(deltas))
+    bounds, tensors = _bound_list(bounds, deltas)
     if not deltas:
         ref.check_sign_step(deltas, grads, eta, bounds)  # the lengths
         return
     # Every backend checks the tensors before it writes (C++: check_sign_step, with the same
     # exception types and messages as reference.check_sign_step, which triton and ref call).
+    # Without tensor bounds the op is called with the four arguments of the plain schema.
+    args = (deltas, grads, eta, bounds) + (() if tensors is None else (tensors,))
     with torch.no_grad():
-        schema_op("sign_step_", resolve(deltas[0].device))(deltas, grads, eta, bounds)
+        schema_op("sign_step_", resolve(deltas[0].device))(*args)
 
 
-def _bound_list(bounds, n: int) -> list[float]:
+def _bound_list(bounds, deltas) -> tuple[list[float], list[torch.Tensor | None] | None]:
+    """(one number per delta, the bound tensors or None): a tensor entry becomes a tensor bound
+    (its number 0, unused) converted to the delta's dtype and device."""
+    n = len(deltas)
     if isinstance(bounds, torch.Tensor):
         bounds = bounds.item() if bounds.dim() == 0 else bounds.tolist()
     if isinstance(bounds, numbers.Real):
-        return [_spec.check_nonnegative("bounds", bounds)] * n
+        return [_spec.check_nonnegative("bounds", bounds)] * n, None
     if isinstance(bounds, (str, bytes)) or not isinstance(bounds, Sequence):
-        raise TypeError(f"bounds must be a number or a list of numbers, got {bounds!r}")
-    return [_spec.check_nonnegative(f"bounds[{i}]", b) for i, b in enumerate(bounds)]
+        raise TypeError(f"bounds must be a number or a list of numbers / tensors, got {bounds!r}")
+    numbers_, tensors = [], []
+    for i, b in enumerate(bounds):
+        if isinstance(b, torch.Tensor) and b.dim() > 0:
+            if i < n and b.shape == deltas[i].shape:
+                b = b.detach().to(dtype=deltas[i].dtype, device=deltas[i].device)
+            # else: the op reports the mismatch, naming bound_tensors[i]
+            numbers_.append(0.0)
+            tensors.append(b)
+        else:
+            numbers_.append(_spec.check_nonnegative(f"bounds[{i}]", b))
+            tensors.append(None)
+    return numbers_, (tensors if any(t is not None for t in tensors) else None)
 
 
-def _ref_impl(deltas, grads, eta, bounds) -> None:
-    ref.sign_step_(deltas, grads, eta, bounds)
+def _ref_impl(deltas, grads, eta, bounds, bound_tensors=None) -> None:
+    ref.sign_step_(deltas, grads, eta, bounds, bound_tensors)
 
 
-def _fake(deltas, grads, eta, bounds) -> None:
-    # Fake tensors have no memory to compare: every other check still runs.
-    ref.check_sign_step(deltas, grads, eta, bounds, memory=False)
+def _fake(deltas, grads, eta, bounds, bound_tensors=None) -> None:
+    # Fake tensors have no memory to compare and no values to read: every other check runs.
+    ref.check_sign_step(deltas, grads, eta, bounds, bound_tensors, memory=False)
 
 
 register_ref("sign_step_", _ref_impl)

@@ -1,7 +1,9 @@
-"""Worst-case analysis of CiM deployments (DESIGN section 7): LWC (Lagrange-based worst case,
-binary search on c), F-LWC (fast sign-gradient estimate), the weight PGD baseline, and
-high-throughput Monte Carlo over device instances through the multi-instance fused ops."""
+"""Worst-case analysis of CiM deployments (DESIGN section 7): worst_case (the default: an ensemble
+of the searches below, never above any of them), LWC (Lagrange-based worst case, search on c),
+F-LWC (fast sign-gradient estimate), the weight PGD baseline, and high-throughput Monte Carlo
+over device instances through the multi-instance fused ops."""
 
+from .auto import worst_case
 from .flwc import flwc
 from .lwc import lwc, margin, margin_loss
 from .monte_carlo import MonteCarloResult, instance_seeds, monte_carlo
@@ -18,4 +20,5 @@ __all__ = [
     "margin_loss",
     "monte_carlo",
     "weight_pgd",
+    "worst_case",
 ]

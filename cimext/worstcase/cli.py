@@ -1,5 +1,7 @@
-"""``cimext worst-case``: LWC, F-LWC, weight PGD and Monte Carlo on one trained model, with the
-Table-I terminal table and the report (JSON, δ, figures) in --out."""
+"""``cimext worst-case``: the ensemble worst_case (``--method auto``, the default), LWC, F-LWC,
+weight PGD and Monte Carlo on one trained model, at one bound or over a sweep of bounds
+(``--th-g 0.01,0.02,0.03``), with the Table-I terminal table and the report (JSON, δ, figures) in
+--out."""
 
 from __future__ import annotations
 
@@ -10,11 +12,14 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser(
         "worst-case",
-        help="worst-case accuracy under bounded weight perturbation (LWC, F-LWC, PGD, MC)",
+        help="worst-case accuracy under bounded weight perturbation (ensemble, LWC, PGD, MC)",
         description="Find the worst-case accuracy of a trained model whose weights may move by "
-        "up to th_g of each layer's full scale, with LWC, F-LWC and weight PGD, and compare "
-        "with Monte Carlo over write-verified device instances. Writes report.json, the "
-        "per-method perturbations and the paper's figures into --out.",
+        "up to th_g of each layer's full scale: by default with the ensemble worst_case "
+        "(F-LWC, weight PGD, LWC and restarts; --method auto), or with LWC, F-LWC and weight "
+        "PGD alone, compared with Monte Carlo over write-verified device instances. "
+        "Several bounds (--th-g 0.01,0.02,0.03) run a sweep with a plot of worst-case accuracy "
+        "against th_g. Writes report.json, the per-method perturbations and the paper's "
+        "figures into --out.",
     )
     p.add_argument(
         "--run",
@@ -27,9 +32,22 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="lenet", choices=list(models.MODELS))
     p.add_argument("--quant", default="4,4", help="weight[,input] bits of the default model")
     p.add_argument(
-        "--method", default="all", help=f"{', '.join(METHODS)}, a comma-separated list, or all"
+        "--method",
+        default="auto",
+        help=f"{', '.join(METHODS)} (auto: the ensemble, the default), a comma-separated list, "
+        "or all",
     )
-    p.add_argument("--th-g", type=float, default=0.03, help="bound, fraction of full scale")
+    p.add_argument(
+        "--th-g",
+        default="0.03",
+        help="bound, a fraction of each layer's full scale; several increasing bounds separated "
+        "by commas run a sweep (e.g. 0.01,0.02,0.03)",
+    )
+    p.add_argument(
+        "--budget",
+        default="default",
+        help="effort of --method auto: fast (about F-LWC's time), default or thorough",
+    )
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--mc-n", type=int, default=10_000, help="Monte Carlo instances")
@@ -72,10 +90,13 @@ def run(a) -> int:
         methods = report.check_methods(a.method)
     except ValueError as e:
         raise CLIError(f"--method: {e}") from None
-    if not a.th_g > 0:
-        raise CLIError(f"--th-g must be > 0, got {a.th_g}")
-    if a.eta is not None and not 0 < a.eta <= a.th_g:
-        raise CLIError(f"--eta must be in (0, th_g = {a.th_g}], got {a.eta}")
+    th_gs = parse_th_g(a.th_g)
+    from .auto import BUDGETS
+
+    if a.budget not in BUDGETS:
+        raise CLIError(f"--budget must be one of {', '.join(BUDGETS)}, got {a.budget!r}")
+    if a.eta is not None and not 0 < a.eta <= th_gs[0]:
+        raise CLIError(f"--eta must be in (0, th_g = {th_gs[0]:g}], got {a.eta}")
     for name in ("batch_size", "mc_n", "lwc_steps", "search_steps"):
         v = getattr(a, name)
         if v is not None and v < 1:
@@ -91,7 +112,8 @@ def run(a) -> int:
     rep = report.analyze(
         net,
         loader,
-        th_g=a.th_g,
+        th_g=th_gs if len(th_gs) > 1 else th_gs[0],
+        budget=a.budget,
         methods=methods,
         mc_n=a.mc_n,
         seed=a.seed,
@@ -105,3 +127,24 @@ def run(a) -> int:
     print(rep.format_table())
     print(f"written: {len(files)} files in {out} (report.json, figures *.png)")
     return 0
+
+
+def parse_th_g(text) -> list[float]:
+    """--th-g as a list of bounds: one number, or increasing numbers separated by commas."""
+    import math
+
+    from ..cli import CLIError
+
+    parts = [t.strip() for t in str(text).split(",")]
+    try:
+        vals = [float(t) for t in parts]
+    except ValueError:
+        raise CLIError(
+            f"--th-g must be a number or increasing numbers separated by commas, got {text!r}"
+        ) from None
+    for v in vals:
+        if not (math.isfinite(v) and v > 0):
+            raise CLIError(f"--th-g must be > 0, got {text}")
+    if any(b <= a for a, b in zip(vals, vals[1:], strict=False)):
+        raise CLIError(f"--th-g must be strictly increasing for a sweep, got {text}")
+    return vals

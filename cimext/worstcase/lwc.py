@@ -1,9 +1,9 @@
-"""LWC: Lagrange-based worst-case analysis (paper section III, objective (10), binary search on c).
+"""LWC: Lagrange-based worst-case analysis (paper section III, objective (10), search on c).
 
 The worst-case weight perturbation minimizes the number of correctly classified samples subject
 to max|ΔW| <= th_g (eq. 5). LWC relaxes the count to a sum of per-sample margins (eq. 6, 8) and
 the constraint to a Lagrange term (eq. 10), minimizes that by gradient descent (Adam), and
-binary-searches the multiplier c for the largest c whose perturbation stays within th_g.
+searches the multiplier c for the largest c whose perturbation stays within th_g.
 
 The margin. Eq. (8) as printed, max(max_{i≠t} O_i − O_t, 0), is zero exactly when a sample is
 misclassified, so minimizing it would *restore* correct classifications. The search needs the
@@ -20,18 +20,26 @@ What this implementation does, and why:
 - The constraint term. (10) writes it as L(ΔW) − th_g with L = max|ΔW|. The gradient of a max
   reaches one weight per step, which cannot hold millions of weights inside a bound under a
   per-weight optimizer such as Adam. We use the exact-penalty form of the same constraint,
-  R(u) = Σ_l Σ_i max(|u_li| − th_g, 0): zero iff L <= th_g, never below max(L − th_g, 0), and it
-  acts on every weight outside the bound. The objective is Σp + R/c (c·Σp + R divided by c).
+  R(u) = Σ_l Σ_i max(|u_li| − b_li, 0) (b = th_g, or the per-layer / per-weight bound): zero iff
+  every weight is inside its bound, never below max(L − th_g, 0), and it acts on every weight
+  outside the bound. The objective is Σp + R/c (c·Σp + R divided by c).
 - Proximal Adam. Putting R's gradient into Adam's moment estimates freezes every weight that
   touches the bound (its second moment jumps by (1/c)² and then decays over ~1/(1−β2) steps), so
   each batch takes an Adam step on the margin term only, followed by R's proximal step: every
   |u| above th_g moves back by lr/c (not past th_g). Adam moves a weight by about lr per step,
-  so for c up to about 1 the bound holds exactly, and above that weights with a consistent
-  push drift past it, the more the larger c: L(c) grows monotonically and the binary search
-  finds the edge. Below the edge LWC is box-constrained Adam on the margin objective, which is
-  why F-LWC (sign steps in the same box) estimates it well (the paper's Table IV).
-- Mini-batches. The margin term of a batch is scaled by N/B (an unbiased estimate of the dataset
-  sum); ``steps`` counts passes over the data (epochs) per c value.
+  (at most about 3·lr when the gradient's scale jumps), so for c up to about 1 the bound holds,
+  and above that weights with a consistent push drift past it, the more the larger c: L(c)
+  grows monotonically and the search finds the edge. Below the edge LWC is box-constrained Adam
+  on the margin objective, which is why F-LWC (sign steps in the same box) estimates it well
+  (the paper's Table IV).
+- The search starts inside the bound. The first c is ``c_start`` = 1/4 (the pull 4·lr exceeds
+  any Adam step, so that run is feasible by construction and gets the full ``steps``); c then
+  doubles while runs stay feasible and is bisected (in log space) between the largest feasible
+  and the smallest infeasible c, so at most the last few, short runs leave the bound. (Starting
+  in the middle of a wide bracket let L grow to 20x the bound for half the budget.)
+- ``steps`` counts passes over the data (epochs) per c value; ``steps`` for the first c, then
+  ``refine_steps``, each later run warm-started from the best clamped δ found so far (F-LWC's
+  and weight PGD's included when ``bracket``) with a fresh Adam state.
 - Feasible means L(u) <= th_g·(1 + tol). Whatever the search found, the reported δ is clamped to
   ±th_g·s_l and the reported accuracy is that of the clamped δ.
 
@@ -39,13 +47,16 @@ Speed:
 
 - Batches are moved to the model's device once; weights need no gradient (only δ does), and the
   CiM layers run in clean mode, i.e. plain F.linear / F.conv2d on W_used + δ.
-- Warm start: each Adam run after the first starts from the last feasible run's δ (or, while
-  no run was feasible, from the first run's δ clamped into the box), with a fresh Adam state and
-  ``refine_steps`` epochs, so the runs after the first refine instead of starting over.
+- The active set: a sample misclassified by κ has no gradient in Σp, so after every epoch (whose
+  evaluation pass gives every sample's margin) the next epoch's Adam steps run only on the
+  samples with margin > −κ, cut into as many mini-batches as the data has (an epoch keeps its
+  number of steps while each step gets cheaper). Once the accuracy is low an epoch costs little
+  more than its evaluation pass.
 - Early stop of an Adam run: when an epoch classified nothing correctly with δ inside the bound,
   or when the epoch objective has not improved by a relative ``rtol`` for ``patience`` epochs.
 - Early stop of the search: once a clamped δ reaches accuracy 0 no c can do better.
-- Each c value costs one extra forward pass over the data (the accuracy of its clamped δ).
+- Every epoch costs one forward pass over all the data (the accuracy of its clamped δ, from
+  which the lowest is kept: Adam's iterates oscillate around the box's corners).
 
 Of the clamped δ of all c values tried, the one with the lowest accuracy is returned (each is
 feasible after clamping, so this can only tighten the worst case); ``settings["c"]`` is the
@@ -60,6 +71,7 @@ import time
 
 import torch
 
+from ..nn import require_cim_layers
 from ..ops._spec import check_nonnegative
 from . import _common as C
 from .results import WorstCaseResult
@@ -109,118 +121,53 @@ def _auto_kappa(prob: C.Problem) -> float:
     return 0.5 * float(pos.median()) if pos.numel() else 0.0
 
 
-def _excess(us: list[torch.Tensor], th_g: float) -> float:
-    """R(u) = Σ max(|u| − th_g, 0): the constraint term of (10) as used here."""
-    with torch.no_grad():
-        return float(sum(torch.relu(u.abs() - th_g).sum() for u in us))
-
-
-def _prox_(us: list[torch.Tensor], th_g: float, pull: float) -> None:
-    """In place: the prox of pull·R, i.e. every |u| above th_g moves ``pull`` back towards th_g
-    (and stops there): |u| <- max(th_g, |u| − pull) where |u| > th_g."""
-    for u in us:
-        a = u.abs()
-        u.copy_(torch.where(a > th_g, torch.sign(u) * torch.clamp(a - pull, min=th_g), u))
-
-
-def _adam_run(
-    prob: C.Problem,
-    start: list[torch.Tensor],
-    c: float,
-    th_g: float,
-    lr: float,
-    steps: int,
-    kappa: float,
-    patience: int,
-    rtol: float,
-    bar,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], float, dict]:
-    """Minimize Σp + R(u)/c from ``start`` by proximal Adam (an Adam step on the margin term,
-    then the prox of (lr/c)·R).
-
-    After every epoch the clamped iterate is evaluated (one no-grad pass); the run keeps the
-    clamped iterate with the lowest accuracy (Adam's iterates oscillate around the box's
-    corners, so the last one is not the best one). Returns (the last unclamped u, the best
-    clamped u, its accuracy, the run's statistics)."""
-    us = [u.detach().clone().requires_grad_(True) for u in start]
-    opt = torch.optim.Adam(us, lr=lr)
-    n_total = prob.samples
-    pull = lr / c
-    best_obj, since_best = math.inf, 0
-    best_acc, best_u = math.inf, None
-    epochs, objective, L = 0, math.inf, 0.0
-    for epoch in range(steps):
-        epochs = epoch + 1
-        sum_p = 0.0
-        for x, y in prob.batches:
-            prob.set_relative(us)
-            out = prob.model(x)
-            p = margin_loss(out, y, kappa)
-            opt.zero_grad(set_to_none=True)
-            # (N / B)·Σ_batch p: the batch's unbiased estimate of the dataset sum in (10).
-            (p.sum() * (n_total / y.numel())).backward()
-            opt.step()
-            with torch.no_grad():
-                _prox_(us, th_g, pull)
-            sum_p += float(p.detach().sum())
-        L = prob.max_relative(us)
-        objective = sum_p + _excess(us, th_g) / c
-        clamped = [u.detach().clamp(-th_g, th_g) for u in us]
-        acc = prob.correct(clamped) / n_total
-        improved = False
-        if acc < best_acc:
-            best_acc, best_u, improved = acc, clamped, True
-        bar.update(1)
-        bar.set_postfix(c=f"{c:.3g}", L=f"{L:.4f}", acc=f"{acc:.3f}", best=f"{best_acc:.3f}")
-        if best_acc == 0.0:
-            break  # every sample lost inside the bound: nothing left to find
-        if objective < best_obj * (1 - rtol):
-            best_obj, improved = objective, True
-        since_best = 0 if improved else since_best + 1
-        if since_best >= patience:
-            break
-    stats = dict(epochs=epochs, objective=objective, last_accuracy_clamped=acc)
-    return [u.detach() for u in us], best_u, best_acc, stats
-
-
 def lwc(
     model,
     data,
-    th_g: float = 0.03,
+    th_g=0.03,
     *,
     steps: int = 30,
     lr: float | None = None,
     c: float | None = None,
-    c_range: tuple[float, float] = (1e-2, 1e2),
-    search_steps: int = 6,
+    c_start: float = 0.25,
+    search_steps: int = 3,
     refine_steps: int | None = None,
     kappa: float | None = None,
     tol: float = 0.02,
     patience: int = 5,
     rtol: float = 1e-3,
+    bracket: bool = True,
     progress: bool = True,
-) -> WorstCaseResult:
+) -> WorstCaseResult | list[WorstCaseResult]:
     """Worst-case accuracy of a converted ``model`` on ``data`` under |δ_l| <= th_g·s_l (LWC).
 
     Minimizes Σ_data p + R(u)/c (objective (10) of the paper divided by c; p the margin cost of
     :func:`margin_loss`, R the exact penalty of the bound) over the relative perturbations
-    u_l = δ_l / s_l by proximal Adam, and binary-searches c in log space within ``c_range`` for
-    ``search_steps`` steps for the largest c whose L = max_l max|u_l| stays within
-    th_g·(1 + tol). ``c`` given: one run at that c. See the module docstring for the details
-    and what makes it fast.
+    u_l = δ_l / s_l by proximal Adam, and searches c for the largest c whose L = max_l max|u_l|
+    stays within th_g·(1 + tol). ``c`` given: one run at that c. With ``bracket`` the search is
+    bracketed by F-LWC and weight PGD at their defaults: the first c value starts from δ = 0 (its
+    own basin), the later ones from the best δ of everything so far, those two included, so the
+    result is never worse than :func:`flwc` or :func:`weight_pgd` (seed 0) would report. See the
+    module docstring for the details and what makes it fast.
 
     Args:
         model: a model converted with cimext.convert (left as it was: mode, δ, grads, train/eval).
         data: iterable of (inputs, labels) batches, evaluated as a whole (read once).
-        th_g: the bound, a fraction of each layer's full scale s_l = max|W_used,l|.
+        th_g: the bound, a fraction of each layer's full scale s_l = max|W_used,l|; or an
+            increasing sequence (one result per bound, each warm-started from the previous δ: a
+            list of results with non-increasing accuracy); or a dict layer name -> number or
+            tensor of the weight's shape (per-layer / per-weight bounds; unnamed layers are not
+            perturbed; lr then refers to the largest bound).
         steps: maximum passes over the data of the first c value (one Adam step per batch).
         lr: Adam learning rate in units of s_l (default th_g / 3).
         c: a fixed Lagrange multiplier (skips the search).
-        c_range: (low, high) bracket of the search (the edge is near c = 1, where the pull
-            lr/c of the penalty matches Adam's step of about lr).
-        search_steps: number of c values tried by the binary search.
-        refine_steps: maximum passes of the later, warm-started c values (default
-            max(2, steps // 5)).
+        c_start: the first c of the search. The penalty's pull lr/c then exceeds the largest
+            step Adam takes (about 3·lr), so the first run stays inside the bound; the search
+            doubles c while runs stay feasible, then bisects between the largest feasible and
+            the smallest infeasible c.
+        search_steps: number of c values tried by the search.
+        refine_steps: maximum passes of the later c values, each warm-started from the best δ
+            so far (default max(2, steps // 5)).
         kappa: confidence κ of the margin (logit units): a sample counts as lost once
             misclassified by κ. Default: half the median margin of the correctly classified
             samples of the unperturbed model, so lost samples are pushed well past the decision
@@ -228,15 +175,18 @@ def lwc(
         tol: relative slack of the feasibility test of a c value (the result is clamped).
         patience, rtol: stop an Adam run when its epoch objective has not improved by a factor
             (1 − rtol) for ``patience`` epochs.
+        bracket: run F-LWC and weight PGD at their defaults first (about 30 passes over the
+            data) and warm-start the later c values from the best δ found by anything.
         progress: show a tqdm bar (one tick per epoch).
 
     Returns a WorstCaseResult whose δ satisfies the bound exactly (clamped) and whose accuracy
     is that of the clamped δ; ``history`` has one entry per c value tried.
     """
     what = "lwc"
-    th_g = C.check_positive("th_g", th_g)
+    spec = C.parse_th_g(th_g, require_cim_layers(model, what), what)
     steps = C.check_steps("steps", steps)
-    lr = th_g / 3 if lr is None else C.check_positive("lr", lr)
+    if lr is not None:
+        lr = C.check_positive("lr", lr)
     if kappa is not None:
         kappa = check_nonnegative("kappa", kappa)
     refine_steps = max(2, steps // 5) if refine_steps is None else refine_steps
@@ -247,85 +197,169 @@ def lwc(
     if c is not None:
         c = C.check_positive("c", c)
     else:
+        c_start = C.check_positive("c_start", c_start)
         search_steps = C.check_steps("search_steps", search_steps)
-        if not isinstance(c_range, (tuple, list)) or len(c_range) != 2:
-            raise TypeError(f"c_range must be a (low, high) pair, got {c_range!r}")
-        lo_c = C.check_positive("c_range[0]", c_range[0])
-        hi_c = C.check_positive("c_range[1]", c_range[1])
-        if lo_c >= hi_c:
-            raise ValueError(f"c_range must have low < high, got {tuple(c_range)}")
 
     t0 = time.perf_counter()
     with C.analysis(model, data, what) as prob:
         warning = C.chance_warning(prob, what)
-        kappa_given = kappa
-        if kappa is None:
-            kappa = _auto_kappa(prob)
-        n_runs = 1 if c is not None else search_steps
-        bar = C.progress_bar(steps + (n_runs - 1) * refine_steps, progress, what)
-        history: list[dict] = []
-        best_u: list[torch.Tensor] | None = None  # the lowest clamped accuracy so far
-        best_acc, best_c = math.inf, None
-        warm: list[torch.Tensor] | None = None  # where the next run starts
-        largest_feasible = None
-        log_lo = math.log(lo_c) if c is None else 0.0
-        log_hi = math.log(hi_c) if c is None else 0.0
-        try:
-            for k in range(n_runs):
-                ck = c if c is not None else math.exp(0.5 * (log_lo + log_hi))
-                t_run = time.perf_counter()
-                start = warm if warm is not None else prob.zeros()
-                budget = steps if warm is None else refine_steps
-                us, clamped, acc, stats = _adam_run(
-                    prob, start, ck, th_g, lr, budget, kappa, patience, rtol, bar
-                )
-                L = prob.max_relative(us)
-                feasible = L <= th_g * (1 + tol)
-                history.append(
-                    dict(
-                        step=k,
-                        c=ck,
-                        max_perturbation=L,
-                        feasible=feasible,
-                        accuracy_clamped=acc,
-                        warm_start=warm is not None,
-                        seconds=time.perf_counter() - t_run,
-                        **stats,
-                    )
-                )
-                if acc < best_acc:
-                    best_acc, best_u, best_c = acc, clamped, ck
-                if feasible:
-                    warm = us
-                    largest_feasible = ck if largest_feasible is None else max(largest_feasible, ck)
-                    log_lo = math.log(ck)
-                else:
-                    log_hi = math.log(ck)
-                    if warm is None:
-                        # no feasible run yet: continue from this run projected onto the box
-                        # (feasible by construction) instead of from zero
-                        warm = [u.clamp(-th_g, th_g) for u in us]
-                if acc == 0.0:
-                    break  # no c can do better than accuracy 0
-        finally:
-            bar.close()
-        settings = dict(
+        k = _auto_kappa(prob) if kappa is None else kappa
+        opts = dict(
             steps=steps,
             lr=lr,
-            kappa=kappa,
-            kappa_given=kappa_given,
+            c=c,
+            c_start=c_start,
+            search_steps=search_steps,
+            refine_steps=refine_steps,
+            kappa=k,
             tol=tol,
             patience=patience,
             rtol=rtol,
-            c_given=c,
-            c_range=None if c is not None else [lo_c, hi_c],
-            search_steps=None if c is not None else search_steps,
-            c=largest_feasible if c is None else c,
-            c_result=best_c,
-            runs=len(history),
-            epochs=sum(h["epochs"] for h in history),
-            refine_steps=refine_steps,
         )
-        return C.make_result(
-            prob, "lwc", best_u, th_g, t0, settings, history, warning, accuracy=best_acc
+
+        def run(prob: C.Problem, init):
+            t_run = time.perf_counter() if init is not None else t0
+            n = steps + (search_steps - 1 if c is None else 0) * refine_steps
+            bar = C.progress_bar(n + (30 if bracket else 0), progress, what)
+            try:
+                candidates = bracket_candidates(prob, init, k, bar) if bracket else {}
+                found, settings, history = search(
+                    prob, init, candidates=candidates, bar=bar, **opts
+                )
+            finally:
+                bar.close()
+            settings["kappa_given"] = kappa
+            return C.make_result(
+                prob,
+                "lwc",
+                found.us,
+                t_run,
+                settings,
+                history,
+                warning,
+                accuracy=found.correct / prob.samples,
+            )
+
+        return C.run_spec(prob, spec, run)
+
+
+def bracket_candidates(prob: C.Problem, init, kappa: float, bar=None) -> dict:
+    """F-LWC and weight PGD (seed 0) at their defaults, from ``init`` when given (a sweep): the
+    candidates that bracket an LWC search, as _search.Found by name."""
+    from . import _search as S
+    from .flwc import search as flwc_search
+    from .pgd import search as pgd_search
+
+    us_f, _, _ = flwc_search(prob, init, eta=None, steps=None, kappa=kappa, bar=bar)
+    us_p, _, _ = pgd_search(prob, init, alpha=None, steps=10, random_start=True, seed=0, bar=bar)
+    return {"flwc": S.evaluate(prob, us_f), "weight_pgd": S.evaluate(prob, us_p)}
+
+
+def search(
+    prob: C.Problem,
+    init: list[torch.Tensor] | None,
+    *,
+    candidates: dict | None = None,
+    steps: int,
+    lr: float | None,
+    c: float | None,
+    c_start: float,
+    search_steps: int,
+    refine_steps: int,
+    kappa: float,
+    tol: float,
+    patience: int,
+    rtol: float,
+    bar=None,
+    label: str = "lwc",
+):
+    """The LWC c search on a prepared problem (bounds set): the first c value from ``init``
+    (relative δ) or 0, the later ones from the best δ so far, ``candidates`` (name -> Found, e.g.
+    from :func:`bracket_candidates`) included.
+
+    Returns (the lowest-accuracy clamped δ found as a _search.Found, settings, history: one entry
+    per c value)."""
+    from . import _search as S
+
+    lr = prob.largest / 3 if lr is None else lr
+    start = S.evaluate(prob, prob.zeros() if init is None else prob.clamp(init))
+    best = start
+    for cand in (candidates or {}).values():
+        if cand.correct < best.correct:
+            best = cand
+    history: list[dict] = []
+    feasible_c, infeasible_c = None, None
+    n_runs = 1 if c is not None else search_steps
+    for i in range(n_runs):
+        if c is not None:
+            ck = c
+        elif infeasible_c is None:
+            ck = c_start if feasible_c is None else 2 * feasible_c
+        elif feasible_c is None:
+            ck = infeasible_c / 2
+        else:
+            ck = math.sqrt(feasible_c * infeasible_c)
+        t_run = time.perf_counter()
+        found, last, stats = S.adam_search(
+            prob,
+            start if i == 0 else best,
+            c=ck,
+            lr=lr,
+            kappa=kappa,
+            epochs=steps if i == 0 else refine_steps,
+            patience=patience,
+            rtol=rtol,
+            bar=bar,
+            label=label,
         )
+        ratio = prob.outside_ratio(last)
+        feasible = ratio <= 1 + tol
+        acc = found.correct / prob.samples
+        history.append(
+            dict(
+                step=i,
+                c=ck,
+                max_perturbation=prob.max_relative(last),
+                bound_ratio=ratio,
+                feasible=feasible,
+                accuracy_clamped=acc,
+                warm_start=i > 0 or init is not None,
+                seconds=time.perf_counter() - t_run,
+                **stats,
+            )
+        )
+        if found.correct < best.correct:
+            best = found
+        if feasible:
+            feasible_c = ck if feasible_c is None else max(feasible_c, ck)
+        else:
+            infeasible_c = ck if infeasible_c is None else min(infeasible_c, ck)
+        if best.correct == 0:
+            break  # no c can do better than accuracy 0
+    settings = dict(
+        steps=steps,
+        lr=lr,
+        kappa=kappa,
+        tol=tol,
+        patience=patience,
+        rtol=rtol,
+        c_given=c,
+        c_start=None if c is not None else c_start,
+        search_steps=None if c is not None else search_steps,
+        c=feasible_c if c is None else c,
+        c_result=_c_of(history, best.correct / prob.samples),
+        runs=len(history),
+        epochs=sum(h["epochs"] for h in history),
+        refine_steps=refine_steps,
+        start_accuracy=start.correct / prob.samples,
+        bracket={n: f.correct / prob.samples for n, f in (candidates or {}).items()},
+    )
+    return best, settings, history
+
+
+def _c_of(history: list[dict], acc: float) -> float | None:
+    """The c of the first run that reached ``acc`` (None: the start was never beaten)."""
+    for h in history:
+        if h["accuracy_clamped"] == acc:
+            return h["c"]
+    return None

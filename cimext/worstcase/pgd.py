@@ -13,6 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..nn import require_cim_layers
 from . import _common as C
 from .flwc import sign_pass
 from .results import WorstCaseResult
@@ -26,26 +27,30 @@ def _neg_ce(out, y):
 def weight_pgd(
     model,
     data,
-    eps: float = 0.03,
+    eps=0.03,
     alpha: float | None = None,
     steps: int = 10,
     *,
     random_start: bool = True,
     seed: int = 0,
     progress: bool = True,
-) -> WorstCaseResult:
+) -> WorstCaseResult | list[WorstCaseResult]:
     """Worst-case accuracy of a converted ``model`` found by weight PGD under |δ_l| <= eps·s_l.
 
-    Starts at δ = 0 or (``random_start``) uniform in the box (torch generator seeded with
+    Starts at δ = 0 or (``random_start``) uniform in the box (CPU torch generator seeded with
     ``seed``); then for ``steps`` passes over the data, per mini-batch,
     δ ← clamp(δ + alpha·sign(∂CE/∂δ), ±eps·s_l). ``eps`` and ``alpha`` (default eps / 4) are
     fractions of each layer's full scale s_l = max|W_used,l|. The final δ is reported (the
-    accuracy is evaluated once more after the last step). Returns a WorstCaseResult whose
-    ``th_g`` is eps (one history entry per pass).
+    accuracy is evaluated once more after the last step). ``eps`` takes the forms of th_g in
+    :func:`cimext.worstcase.flwc` (a number, an increasing sequence: one result each, later ones
+    starting from the previous δ, or a dict of per-layer / per-weight bounds; alpha's default
+    then refers to the largest bound). Returns a WorstCaseResult whose ``th_g`` is eps (one
+    history entry per pass), or a list for a sequence.
     """
     what = "weight_pgd"
-    eps = C.check_positive("eps", eps)
-    alpha = eps / 4 if alpha is None else C.check_positive("alpha", alpha)
+    spec = C.parse_th_g(eps, require_cim_layers(model, what), what, name="eps")
+    if alpha is not None:
+        alpha = C.check_positive("alpha", alpha)
     steps = C.check_steps("steps", steps)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
@@ -53,34 +58,68 @@ def weight_pgd(
     t0 = time.perf_counter()
     with C.analysis(model, data, what) as prob:
         warning = C.chance_warning(prob, what)
-        if random_start:
-            gen = torch.Generator().manual_seed(seed)
-            us = [
-                ((torch.rand(u.shape, generator=gen, dtype=u.dtype) * 2 - 1) * eps).to(u.device)
-                for u in prob.zeros()
-            ]
-        else:
-            us = prob.zeros()
-        history: list[dict] = []
-        bar = C.progress_bar(steps, progress, what)
-        try:
-            for epoch in range(steps):
-                t_ep = time.perf_counter()
-                correct, total, _ = sign_pass(prob, us, _neg_ce, alpha, eps)
-                history.append(
-                    dict(
-                        epoch=epoch,
-                        running_accuracy=correct / prob.samples,
-                        cross_entropy=-total / prob.samples,
-                        max_perturbation=prob.max_relative(us),
-                        seconds=time.perf_counter() - t_ep,
-                    )
+
+        def run(prob: C.Problem, init):
+            t_run = time.perf_counter() if init is not None else t0
+            bar = C.progress_bar(steps, progress, what)
+            try:
+                us, settings, history = search(
+                    prob,
+                    init,
+                    alpha=alpha,
+                    steps=steps,
+                    random_start=random_start,
+                    seed=seed,
+                    bar=bar,
                 )
-                bar.update(1)
-                bar.set_postfix(acc=f"{correct / prob.samples:.3f}")
-        finally:
-            bar.close()
-        settings = dict(
-            eps=eps, alpha=alpha, steps=steps, random_start=bool(random_start), seed=seed
+            finally:
+                bar.close()
+            return C.make_result(prob, "weight_pgd", us, t_run, settings, history, warning)
+
+        return C.run_spec(prob, spec, run)
+
+
+def search(
+    prob: C.Problem,
+    init: list[torch.Tensor] | None,
+    *,
+    alpha: float | None,
+    steps: int,
+    random_start: bool,
+    seed: int,
+    bar=None,
+) -> tuple[list[torch.Tensor], dict, list[dict]]:
+    """Weight PGD on a prepared problem (bounds set) from ``init`` (relative δ), else from a
+    random start (``random_start``, CPU generator seeded with ``seed``) or 0. Returns (the final
+    relative δ, settings, one history entry per pass)."""
+    a = prob.largest / 4 if alpha is None else alpha
+    if init is not None:
+        us = prob.clamp(init)
+    elif random_start:
+        us = prob.random_start(torch.Generator().manual_seed(seed))
+    else:
+        us = prob.zeros()
+    history: list[dict] = []
+    for epoch in range(steps):
+        t_ep = time.perf_counter()
+        correct, total, _ = sign_pass(prob, us, _neg_ce, a)
+        history.append(
+            dict(
+                epoch=epoch,
+                running_accuracy=correct / prob.samples,
+                cross_entropy=-total / prob.samples,
+                max_perturbation=prob.max_relative(us),
+                seconds=time.perf_counter() - t_ep,
+            )
         )
-        return C.make_result(prob, "weight_pgd", us, eps, t0, settings, history, warning)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(acc=f"{correct / prob.samples:.3f}")
+    settings = dict(
+        eps=C.th_g_json(prob.th_g),
+        alpha=a,
+        steps=steps,
+        random_start=bool(random_start) and init is None,
+        seed=seed,
+    )
+    return us, settings, history

@@ -1,13 +1,17 @@
 """The worst-case report: run several methods on one model, tabulate them (the paper's Table I),
 and write JSON plus the paper's figures.
 
-:func:`analyze` runs any of Monte Carlo ("mc"), weight PGD ("pgd"), F-LWC ("flwc") and LWC
-("lwc") at one bound th_g, plus (``eta_sweep``) F-LWC over several step sizes for the
-time / precision trade-off. :func:`write` puts into a folder:
+:func:`analyze` runs any of Monte Carlo ("mc"), weight PGD ("pgd"), F-LWC ("flwc"), LWC ("lwc")
+and the ensemble worst_case ("auto", the default analysis; its stages get rows of their own) at
+one bound th_g or over an increasing sequence of bounds (a sweep: every worst-case method runs
+warm-started from bound to bound, Monte Carlo at the largest), plus (``eta_sweep``) F-LWC over
+several step sizes for the time / precision trade-off. :func:`write` puts into a folder:
 
 - ``report.json``: the table, every result's figures and settings, the Monte Carlo accuracies,
   the confusion matrix and the per-layer statistics behind the figures;
 - ``<method>/deltas.safetensors`` + ``result.json`` per worst-case method (WorstCaseResult.save);
+- ``<method>/th_g-<bound>/`` per worst-case method and bound of a sweep, and ``fig8_th_g_sweep``
+  (worst-case accuracy against th_g, one line per method: the paper's Fig. 8);
 - PNG figures: ``fig1_mc_histogram`` (MC accuracies with the worst-case points), ``fig3_c_search``
   (worst-case error and L(ΔW) against c), ``fig4_confidence`` (confidence of correct and wrong
   predictions of the worst-case model), ``fig5_delta_histogram`` (|δ|/th_g),
@@ -36,16 +40,25 @@ from torch import nn
 
 from .results import WorstCaseResult
 
-METHODS = ("mc", "pgd", "flwc", "lwc")
-LABELS = {"mc": "Monte Carlo (min)", "pgd": "weight PGD", "flwc": "F-LWC", "lwc": "LWC"}
+METHODS = ("mc", "pgd", "flwc", "lwc", "auto")
+WORST_CASE_METHODS = ("pgd", "flwc", "lwc", "auto")
+LABELS = {
+    "mc": "Monte Carlo (min)",
+    "pgd": "weight PGD",
+    "flwc": "F-LWC",
+    "lwc": "LWC",
+    "auto": "auto (ensemble)",
+}
 # Relative slack for "at the bound": δ is stored in weight units (u·s), an ulp off th_g·s.
 _AT_BOUND_RTOL = 1e-4
 
 
 @dataclass
 class Report:
-    """What :func:`analyze` found: one WorstCaseResult per worst-case method, the Monte Carlo
-    result, the F-LWC eta sweep and the statistics of the worst of the worst-case models."""
+    """What :func:`analyze` found: one WorstCaseResult per worst-case method (at the largest
+    bound of a sweep), the Monte Carlo result, the th_g sweep (``sweep``: method -> one result
+    per bound of ``th_gs``), the F-LWC eta sweep and the statistics of the worst of the
+    worst-case models."""
 
     th_g: float
     clean_accuracy: float
@@ -53,6 +66,8 @@ class Report:
     results: dict[str, WorstCaseResult] = field(default_factory=dict)
     monte_carlo: object | None = None  # MonteCarloResult
     eta_sweep: list[dict] = field(default_factory=list)
+    th_gs: list[float] = field(default_factory=list)
+    sweep: dict[str, list[WorstCaseResult]] = field(default_factory=dict)
     worst: str | None = None  # the method whose δ the model statistics below describe
     confusion: list[list[int]] = field(default_factory=list)
     confidence_correct: list[float] = field(default_factory=list)
@@ -77,11 +92,31 @@ class Report:
                     std=mc.std,
                 )
             )
-        for m in ("pgd", "flwc", "lwc"):
+        for m in WORST_CASE_METHODS:
             if m in self.results:
                 r = self.results[m]
                 rows.append(dict(method=m, label=LABELS[m], accuracy=r.accuracy, seconds=r.seconds))
+                for st in r.settings.get("stages", []) if m == "auto" else []:
+                    rows.append(
+                        dict(
+                            method=f"auto:{st['stage']}",
+                            label=f"  stage {st['stage']}",
+                            accuracy=st["accuracy"],
+                            seconds=st["seconds"],
+                        )
+                    )
         return rows
+
+    def sweep_table(self) -> list[dict]:
+        """One row per bound of a th_g sweep: th_g and each method's accuracy."""
+        return [
+            dict(
+                th_g=th,
+                **{m: rs[i].accuracy for m, rs in self.sweep.items()},
+                seconds={m: rs[i].seconds for m, rs in self.sweep.items()},
+            )
+            for i, th in enumerate(self.th_gs)
+        ]
 
     def format_table(self) -> str:
         """The Table-I comparison as aligned text."""
@@ -94,6 +129,15 @@ class Report:
             if r["method"] == "mc":
                 lines.append(
                     f"{'  (mean ± std)':<26} {100 * r['mean']:>8.2f}% ± {100 * r['std']:.2f}"
+                )
+        if len(self.th_gs) > 1:
+            methods = list(self.sweep)
+            lines += ["", "th_g sweep (warm-started, accuracy non-increasing in th_g)"]
+            head = f"{'th_g':>8} " + " ".join(f"{LABELS[m]:>16}" for m in methods)
+            lines += [head, "-" * len(head)]
+            for row in self.sweep_table():
+                lines.append(
+                    f"{row['th_g']:>8g} " + " ".join(f"{100 * row[m]:>15.2f}%" for m in methods)
                 )
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -109,6 +153,9 @@ class Report:
             results={m: json.loads(r.to_json()) for m, r in self.results.items()},
             monte_carlo=mc,
             eta_sweep=self.eta_sweep,
+            th_gs=self.th_gs,
+            sweep_table=self.sweep_table() if self.sweep else [],
+            sweep={m: [json.loads(r.to_json()) for r in rs] for m, rs in self.sweep.items()},
             worst=self.worst,
             confusion=self.confusion,
             confidence=dict(
@@ -148,7 +195,7 @@ def analyze(
     model: nn.Module,
     data,
     *,
-    th_g: float = 0.03,
+    th_g=0.03,
     methods=METHODS,
     mc_n: int = 10_000,
     mc_device=None,
@@ -157,15 +204,20 @@ def analyze(
     eta_sweep: tuple[float, ...] | None = (1.0, 0.5, 0.25, 0.1, 0.05),
     lwc_kwargs: dict | None = None,
     pgd_kwargs: dict | None = None,
+    budget: str = "default",
     progress: bool = True,
     log=None,
 ) -> Report:
     """Run ``methods`` on a converted ``model`` over ``data`` at bound ``th_g``.
 
+    ``th_g``: a number, or an increasing sequence of numbers (a sweep: every worst-case method
+    returns one result per bound, warm-started in order; Monte Carlo, the eta sweep and the
+    model statistics use the largest bound).
     mc: ``mc_n`` instances of ``mc_device`` (default: the devices of the model's first layer
     (weight bits, bits per device, σ), every one write-verified to th_g with
     ``DeviceModel.verified``, as the paper compares them).
     pgd: weight_pgd(eps=th_g). flwc: flwc(th_g, eta). lwc: lwc(th_g, **lwc_kwargs).
+    auto: worst_case(th_g, budget=``budget``, seed=``seed``), the default analysis.
     ``eta_sweep``: fractions of th_g for the F-LWC time / precision sweep (Fig. 7), run when
     flwc is among the methods (None or () skips it). ``log``: a callable given one line per
     finished step (e.g. print). Returns a :class:`Report`.
@@ -173,21 +225,30 @@ def analyze(
     from ..device import DeviceModel
     from ..nn import require_cim_layers
     from . import _common as C
+    from .auto import BUDGETS, worst_case
     from .flwc import flwc
     from .lwc import lwc
     from .monte_carlo import monte_carlo
     from .pgd import weight_pgd
 
     methods = check_methods(methods)
-    th_g = C.check_positive("th_g", th_g)
     named = require_cim_layers(model, "analyze")
+    spec = C.parse_th_g(th_g, named, "analyze")
+    if spec.kind == "dict":
+        raise TypeError(
+            "analyze: th_g must be a number or an increasing sequence (per-layer bounds: call "
+            "cimext.worstcase.worst_case directly)"
+        )
+    th_gs = list(spec.value) if spec.kind == "sweep" else [spec.value]
+    th_run = th_gs if spec.kind == "sweep" else th_gs[0]
+    th_top = th_gs[-1]
     if "mc" in methods:
         if isinstance(mc_n, bool) or not isinstance(mc_n, int) or mc_n < 1:
             raise ValueError(f"mc_n must be an int >= 1, got {mc_n!r}")
         if mc_device is None:
             base = getattr(named[0][1], "device", None) or DeviceModel()
             mc_device = DeviceModel.verified(
-                th_g,
+                th_top,
                 weight_bits=base.weight_bits,
                 bits_per_device=base.bits_per_device,
                 sigma=base.sigma,
@@ -195,33 +256,49 @@ def analyze(
         elif not isinstance(mc_device, DeviceModel):
             raise TypeError(f"mc_device must be a cimext.DeviceModel, got {mc_device!r}")
     if eta is not None:
-        C.check_positive("eta", eta, upper=th_g, upper_name="th_g")
+        C.check_positive("eta", eta, upper=th_gs[0], upper_name="th_g")
+    if "auto" in methods and budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(map(repr, BUDGETS))}, got {budget!r}")
     say = log or (lambda s: None)
     batches = C._batches(data, named[0][1].weight.device, "analyze")  # read the data once
     t0 = time.perf_counter()
-    rep = Report(th_g=th_g, clean_accuracy=0.0, samples=sum(int(y.numel()) for _, y in batches))
-    rep.settings = dict(methods=list(methods), mc_n=mc_n if "mc" in methods else None, seed=seed)
+    rep = Report(th_g=th_top, clean_accuracy=0.0, samples=sum(int(y.numel()) for _, y in batches))
+    rep.th_gs = th_gs
+    rep.settings = dict(
+        methods=list(methods),
+        mc_n=mc_n if "mc" in methods else None,
+        seed=seed,
+        th_g=th_gs if spec.kind == "sweep" else th_top,
+        budget=budget if "auto" in methods else None,
+    )
     if "mc" in methods:
         mc = monte_carlo(model, batches, mc_device, mc_n, seed=seed, progress=progress)
         rep.monte_carlo, rep.clean_accuracy = mc, mc.clean_accuracy
         rep.settings["mc_device"] = mc.device
         say(f"monte carlo: min {100 * mc.min:.2f}% mean {100 * mc.mean:.2f}% ({mc.seconds:.1f} s)")
     runs = dict(
-        pgd=lambda: weight_pgd(model, batches, th_g, progress=progress, **(pgd_kwargs or {})),
-        flwc=lambda: flwc(model, batches, th_g, eta, progress=progress),
-        lwc=lambda: lwc(model, batches, th_g, progress=progress, **(lwc_kwargs or {})),
+        pgd=lambda: weight_pgd(model, batches, th_run, progress=progress, **(pgd_kwargs or {})),
+        flwc=lambda: flwc(model, batches, th_run, eta, progress=progress),
+        lwc=lambda: lwc(model, batches, th_run, progress=progress, **(lwc_kwargs or {})),
+        auto=lambda: worst_case(
+            model, batches, th_run, budget=budget, seed=seed, progress=progress
+        ),
     )
-    for m in ("pgd", "flwc", "lwc"):
+    for m in WORST_CASE_METHODS:
         if m in methods:
-            r = runs[m]()
+            out = runs[m]()
+            rs = out if isinstance(out, list) else [out]
+            if len(th_gs) > 1:
+                rep.sweep[m] = rs
+            r = rs[-1]
             rep.results[m], rep.clean_accuracy = r, r.clean_accuracy
             if r.warning and r.warning not in rep.warnings:
                 rep.warnings.append(r.warning)
-            say(f"{LABELS[m]}: {100 * r.accuracy:.2f}% ({r.seconds:.1f} s)")
+            say(f"{LABELS[m]}: {100 * r.accuracy:.2f}% ({sum(x.seconds for x in rs):.1f} s)")
     if "flwc" in methods and eta_sweep:
         for frac in eta_sweep:
-            e = th_g * float(frac)
-            r = flwc(model, batches, th_g, e, progress=False)
+            e = th_top * float(frac)
+            r = flwc(model, batches, th_top, e, progress=False)
             rep.eta_sweep.append(
                 dict(eta=e, eta_over_th_g=float(frac), accuracy=r.accuracy, seconds=r.seconds)
             )
@@ -295,6 +372,9 @@ def write(rep: Report, out: str | os.PathLike, *, html: bool = False, extra: dic
         (tmp / "report.json").write_text(json.dumps(d, indent=1))
         for m, r in rep.results.items():
             r.save(tmp / m)
+        for m, rs in rep.sweep.items():
+            for th, r in zip(rep.th_gs, rs, strict=True):
+                r.save(tmp / m / f"th_g-{th:g}")
         figs = figures(rep, tmp)
         if html:
             (tmp / "report.html").write_text(_html(rep, tmp, figs, extra or {}))
@@ -326,7 +406,7 @@ def figures(rep: Report, folder: Path) -> list[Path]:
         plt.close(fig)
         made.append(p)
 
-    colors = dict(pgd="tab:orange", flwc="tab:green", lwc="tab:red")
+    colors = dict(pgd="tab:orange", flwc="tab:green", lwc="tab:red", auto="tab:purple")
     mc = rep.monte_carlo
     if mc is not None:
         fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -421,6 +501,23 @@ def figures(rep: Report, folder: Path) -> list[Path]:
         ax.set_ylabel("true")
         ax.set_title(f"Table III: confusion of the worst-case model ({name})", fontsize=9)
         save(fig, "table3_confusion")
+    if rep.sweep:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for m, rs in rep.sweep.items():
+            ax.plot(
+                rep.th_gs,
+                [100 * r.accuracy for r in rs],
+                "o-",
+                color=colors.get(m),
+                label=LABELS[m],
+            )
+        if mc is not None:
+            ax.plot([rep.th_g], [100 * mc.min], "s", color="tab:blue", label=f"MC min of {mc.n}")
+        ax.set_xlabel("th_g (fraction of each layer's full scale)")
+        ax.set_ylabel("worst-case accuracy (%)")
+        ax.set_title("Fig. 8: worst-case accuracy against the bound th_g")
+        ax.legend(fontsize=8)
+        save(fig, "fig8_th_g_sweep")
     if rep.eta_sweep:
         fig, ax = plt.subplots(figsize=(6, 3.4))
         xs = [e["seconds"] for e in rep.eta_sweep]

@@ -23,6 +23,7 @@ from torch import nn
 BOUND_RTOL = 1e-6
 
 _DELTAS_FILE = "deltas.safetensors"
+_BOUNDS_FILE = "bounds.safetensors"  # per-weight bound tensors (dict th_g only)
 _JSON_FILE = "result.json"
 
 
@@ -74,20 +75,28 @@ def _cim_named_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 @dataclass
 class WorstCaseResult:
-    """Outcome of a worst-case search (lwc, flwc, weight_pgd).
+    """Outcome of a worst-case search (worst_case, lwc, flwc, weight_pgd).
 
     ``accuracy`` is the top-1 accuracy on the data with every CiM layer's weight W_used + δ
     (W_used: the quantized weight when weight quantization is on); ``deltas`` maps layer names to
     δ in weight units; |δ_l| <= th_g·s_l with s_l = max|W_used,l|, and ``max_perturbation`` is
-    max_l max|δ_l| / s_l. ``history`` has one dict per search stage (a c value of LWC, an epoch
-    of F-LWC / PGD). ``warning`` is set when the clean model was already at chance level.
+    max_l max|δ_l| / s_l (DESIGN section 2). ``history`` has one dict per search stage (a c value
+    of LWC, an epoch of F-LWC / PGD, a stage of worst_case). ``warning`` is set when the clean
+    model was already at chance level.
+
+    Per-layer / per-weight bounds (th_g given as a dict): ``bounds`` maps every layer to its
+    bound b_l (a float, or a tensor of the weight's shape), |δ_l| <= b_l·s_l elementwise, and
+    ``th_g`` holds the same as JSON (tensors summarized by shape, min, max, mean). With one
+    number th_g, ``bounds`` is None and b_l = th_g. ``bound_ratio`` is max over weights of
+    |δ| / (b·s_l): 1.0 when some weight sits at its bound, never above 1 for a valid result
+    (infinite if a weight with bound 0 moved).
     """
 
     method: str
     accuracy: float
     clean_accuracy: float
     max_perturbation: float
-    th_g: float
+    th_g: float | dict
     deltas: dict[str, torch.Tensor]
     seconds: float
     settings: dict = field(default_factory=dict)
@@ -95,17 +104,26 @@ class WorstCaseResult:
     samples: int = 0
     scales: dict[str, float] = field(default_factory=dict)
     warning: str | None = None
+    bounds: dict[str, float | torch.Tensor] | None = None
+    bound_ratio: float | None = None
+
+    def bound_of(self, name: str) -> float | torch.Tensor:
+        """The bound b_l of layer ``name`` (a fraction of its full scale; float or tensor)."""
+        if self.bounds is not None:
+            return self.bounds.get(name, 0.0)
+        return float(self.th_g)
 
     # ------------------------------------------------------------------ checking
 
     def verify(self, model: nn.Module, data: Iterable) -> float:
         """Recompute the accuracy of ``model`` with W_used + δ on ``data`` using plain torch only.
 
-        Checks every |δ_l| <= th_g·s_l (relative slack 1e-6) first and raises AssertionError
-        naming the first layer that breaks it. Every CiM layer's forward is temporarily replaced
-        by a closure calling F.linear / nn.Conv2d._conv_forward on W_used + δ (inputs quantized in
-        plain torch when the layer quantizes inputs); no cimext op runs. The model comes back
-        unchanged (forwards, train/eval mode).
+        Checks every |δ_l| <= b_l·s_l elementwise first (b_l = th_g, or the layer's entry of
+        ``bounds``; relative slack 1e-6, so a weight with bound 0 must be exactly unchanged) and
+        raises AssertionError naming the first layer that breaks it. Every CiM layer's forward
+        is temporarily replaced by a closure calling F.linear / nn.Conv2d._conv_forward on
+        W_used + δ (inputs quantized in plain torch when the layer quantizes inputs); no cimext
+        op runs. The model comes back unchanged (forwards, train/eval mode).
         """
         layers = _cim_named_layers(model)
         if not layers:
@@ -127,13 +145,28 @@ class WorstCaseResult:
                 )
             d = d.to(device=w.device, dtype=w.dtype)
             s = float(w.abs().max())
-            worst = float(d.abs().max()) if d.numel() else 0.0
-            limit = self.th_g * s
-            if worst > limit * (1 + BOUND_RTOL):
-                raise AssertionError(
-                    f"layer {name!r}: max|δ| = {worst:.6g} exceeds th_g·s = {self.th_g:g}·{s:.6g} "
-                    f"= {limit:.6g} (|δ|/s = {worst / s if s else math.inf:.6g})"
-                )
+            b = self.bound_of(name)
+            if isinstance(b, torch.Tensor):
+                if tuple(b.shape) != tuple(w.shape):
+                    raise ValueError(
+                        f"bounds[{name!r}] has shape {tuple(b.shape)}, weight has {tuple(w.shape)}"
+                    )
+                limit = b.to(device=w.device, dtype=torch.float64) * s
+                over = d.abs().double() > limit * (1 + BOUND_RTOL)
+                if d.numel() and bool(over.any()):
+                    i = int(over.flatten().nonzero()[0])
+                    raise AssertionError(
+                        f"layer {name!r}: |δ| = {float(d.flatten()[i].abs()):.6g} at flat index "
+                        f"{i} exceeds its bound b·s = {float(b.flatten()[i]):g}·{s:.6g}"
+                    )
+            else:
+                worst = float(d.abs().max()) if d.numel() else 0.0
+                limit = float(b) * s
+                if worst > limit * (1 + BOUND_RTOL):
+                    raise AssertionError(
+                        f"layer {name!r}: max|δ| = {worst:.6g} exceeds th_g·s = {float(b):g}·"
+                        f"{s:.6g} = {limit:.6g} (|δ|/s = {worst / s if s else math.inf:.6g})"
+                    )
             effective[name] = w + d
 
         def make_forward(layer: nn.Module, w_eff: torch.Tensor):
@@ -188,6 +221,8 @@ class WorstCaseResult:
             history=self.history,
             scales=self.scales,
             warning=self.warning,
+            bound_ratio=self.bound_ratio,
+            per_layer_bounds=self.bounds is not None,
             layers={
                 n: dict(
                     shape=list(d.shape),
@@ -200,12 +235,13 @@ class WorstCaseResult:
 
     def to_json(self) -> str:
         """Everything but the δ tensors themselves (their shapes and max|δ| per layer are in
-        ``layers``) as a JSON string."""
-        return json.dumps(self._meta(), indent=1)
+        ``layers``; per-weight bounds are summarized in ``th_g``) as a JSON string."""
+        return json.dumps(_finite(self._meta()), indent=1)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path``/deltas.safetensors (δ per layer) and ``path``/result.json (the rest);
-        ``path`` is a directory, created if needed. Returns it."""
+        """Write ``path``/deltas.safetensors (δ per layer), ``path``/result.json (the rest) and,
+        for per-weight bounds, ``path``/bounds.safetensors; ``path`` is a directory, created if
+        needed. Returns it."""
         from safetensors.torch import save_file
 
         out = Path(path)
@@ -216,6 +252,15 @@ class WorstCaseResult:
         tmp_t, tmp_j = out / (_DELTAS_FILE + ".tmp"), out / (_JSON_FILE + ".tmp")
         save_file(tensors, str(tmp_t), metadata={"method": self.method})
         tmp_j.write_text(self.to_json())
+        bound_tensors = {
+            n: b.detach().cpu().contiguous()
+            for n, b in (self.bounds or {}).items()
+            if isinstance(b, torch.Tensor)
+        }
+        if bound_tensors:
+            tmp_b = out / (_BOUNDS_FILE + ".tmp")
+            save_file(bound_tensors, str(tmp_b))
+            os.replace(tmp_b, out / _BOUNDS_FILE)
         os.replace(tmp_t, out / _DELTAS_FILE)
         os.replace(tmp_j, out / _JSON_FILE)
         return out
@@ -236,6 +281,12 @@ class WorstCaseResult:
         deltas = load_file(str(delta_file))
         # Keep the layer order of the original result (safetensors sorts its keys).
         order = list(meta.get("layers", {})) or list(deltas)
+        bounds = None
+        if meta.get("per_layer_bounds"):
+            tensors = load_file(str(src / _BOUNDS_FILE)) if (src / _BOUNDS_FILE).is_file() else {}
+            bounds = {
+                n: tensors[n] if n in tensors else float(meta["th_g"].get(n, 0.0)) for n in order
+            }
         return cls(
             method=meta["method"],
             accuracy=meta["accuracy"],
@@ -249,6 +300,8 @@ class WorstCaseResult:
             samples=meta.get("samples", 0),
             scales=meta.get("scales", {}),
             warning=meta.get("warning"),
+            bounds=bounds,
+            bound_ratio=meta.get("bound_ratio"),
         )
 
     def summary(self) -> dict:
@@ -261,3 +314,15 @@ class WorstCaseResult:
             th_g=self.th_g,
             seconds=self.seconds,
         )
+
+
+def _finite(obj):
+    """``obj`` with every non-finite float replaced by its string ("inf", "nan"): JSON proper has
+    no Infinity / NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

@@ -23,8 +23,9 @@ namespace cuda {
   template cudaError_t launch_perturbed_range<T>(const NoiseParams&, const RangeStreams&,         \
                                                  const T*, const T*, const uint8_t*, int64_t,     \
                                                  int64_t, T*, cudaStream_t);                      \
-  template cudaError_t launch_sign_step<T>(T* const*, const T* const*, const int64_t*,            \
-                                           const double*, int, double, cudaStream_t);
+  template cudaError_t launch_sign_step<T>(T* const*, const T* const*, const T* const*,           \
+                                           const int64_t*, const double*, int, double,            \
+                                           cudaStream_t);
 
 CIMEXT_INSTANTIATE(float)
 CIMEXT_INSTANTIATE(double)
