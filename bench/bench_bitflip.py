@@ -10,18 +10,23 @@ which draw the gaps between flips. GB/s counts the bytes read plus written (2 x 
 as out of place). "x per-bit" is the per-bit baseline's time over the provider's (the speedup);
 "x clone bw" is torch.clone's time over the provider's, i.e. the provider's bandwidth as a
 fraction of clone's (>= 0.5: at least half of clone's bandwidth). "peak MB": the peak memory of
-one call above the memory in use when it started (cimext.bench.peak_memory).
+one call above the memory in use when it started (bench.timing.peak_memory).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys  # noqa: I001
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's cimext, bench
 
 import torch
 
+from bench.timing import format_mb
+from bench.timing import interleaved as _interleaved
 from cimext import ops
-from cimext.bench import _interleaved, format_mb
 
 
 def per_bit_baseline(t: torch.Tensor, p: float, chunk: int = 1 << 18) -> torch.Tensor:

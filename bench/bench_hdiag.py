@@ -6,7 +6,7 @@
 Timings (LeNet 28x28, one batch of 256, interleaved in one process): one forward + backward of
 the model (the baseline), "obd", the exact diagonal GGN (per-sample Jacobians) and Hutchinson with
 10 probes; the x column is each time over the forward + backward, "peak MB" the peak memory of
-one call above the memory in use when it started (cimext.bench.peak_memory). Quality: Spearman rank
+one call above the memory in use when it started (bench.timing.peak_memory). Quality: Spearman rank
 correlation of "obd" against the exact diagonal GGN, on LeNet trained for a few epochs on digits
 and on the untrained 28x28 LeNet.
 """
@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys  # noqa: I001
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's cimext, bench
 
 import torch
 
+from bench.hessian import _lenet_batch, bench_obd, ggn_agreement
+from bench.timing import format_mb
 from cimext import data, models
-from cimext.bench import format_mb
 from cimext.nn import convert
 from cimext.train import fit
-from cimext.writeverify.bench import _lenet_batch, bench_obd, ggn_agreement
 
 
 def main(argv=None) -> int:

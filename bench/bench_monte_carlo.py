@@ -17,7 +17,7 @@ clean forward: per pass over the data):
 
 ``x clean`` is each row's time over the clean forward's, ``x loop`` over the plain loop's;
 ``peak MB`` is the peak memory of one call above the memory in use when it started
-(cimext.bench.peak_memory). ``--memory`` runs monte_carlo of ResNet-18 (width 64, 8 images) with
+(bench.timing.peak_memory). ``--memory`` runs monte_carlo of ResNet-18 (width 64, 8 images) with
 n = 4 and n = 1,000 at 4 instances per forward, and n = 1,000 with the default (tuned), each in a
 fresh process, and prints the peak memory of each call (k: instances per forward).
 """
@@ -30,11 +30,14 @@ import importlib
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's cimext, bench
 
 import torch
 
 import cimext
-from cimext import bench as B
+from bench import suite as B
 from cimext.worstcase import monte_carlo
 
 # The module (its name is shadowed by the function in cimext.worstcase): tuning constants.
@@ -152,7 +155,7 @@ MEMORY_SNIPPET = """
 import json, sys, torch
 sys.path.insert(0, {bench!r})
 import bench_monte_carlo as M
-from cimext import bench as B
+from bench import suite as B
 _, conv, batches = M.setup("resnet18", images=8, batch=8)
 M.monte_carlo(conv, batches, M.DEVICE_MODEL, 2, progress=False)  # warm-up: lazy inits
 kw = dict(instances_per_call={k}, progress=False)

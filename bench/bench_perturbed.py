@@ -5,7 +5,7 @@
 Compare each group's cimext row against its clean (lower bound) and naive rows; `cimext bench`
 prints the same comparison as a table with ratios.
 
-Each case records the peak memory of one call (cimext.bench.peak_memory) as extra_info
+Each case records the peak memory of one call (bench.timing.peak_memory) as extra_info
 "peak_mb" (in --benchmark-json); `cimext bench` prints it as a table column.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cimext import bench as B
+from bench import suite as B
 from cimext import ops
 
 LINEAR = [(b, i, o, s) for (b, i, o) in B.LINEAR_SHAPES for s in (1, 8)]

@@ -5,14 +5,14 @@
 One F-LWC / weight-PGD step over deltas shaped like every parameter of the model: the fused
 multi-tensor op against the naive per-tensor PyTorch loop.
 
-Each case records the peak memory of one call (cimext.bench.peak_memory) as extra_info
+Each case records the peak memory of one call (bench.timing.peak_memory) as extra_info
 "peak_mb" (in --benchmark-json); `cimext bench` prints it as a table column.
 """
 
 import pytest
 import torch
 
-from cimext import bench as B
+from bench import suite as B
 from cimext import ops
 
 

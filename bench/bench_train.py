@@ -8,7 +8,7 @@ A-TRICE (alpha = 0.5: sign-step perturbation search, adversarial pass and RCG no
 issue's target: an A-TRICE step costs at most 3.5x a vanilla step; `cimext bench --case atrice`
 prints the ratio measured in one process with interleaved rounds.
 
-Each case records the peak memory of one call (cimext.bench.peak_memory) as extra_info
+Each case records the peak memory of one call (bench.timing.peak_memory) as extra_info
 "peak_mb" (in --benchmark-json); `cimext bench` prints it as a table column.
 """
 
@@ -17,7 +17,7 @@ import copy
 import pytest
 import torch
 
-from cimext import bench as B
+from bench import suite as B
 from cimext import models
 from cimext.nn import convert
 from cimext.train import METHODS, StepContext

@@ -14,7 +14,7 @@
    bench/bench_monte_carlo.py (run that script for the instances-per-forward sweep alone).
 
 Every ratio compares functions timed in the same process, interleaved; ``peak_mb`` is the peak
-memory of one call above the memory in use when it started (cimext.bench.peak_memory).
+memory of one call above the memory in use when it started (bench.timing.peak_memory).
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's cimext, bench
 
 import torch
 
 import cimext
-from cimext import bench as B
+from bench import suite as B
 from cimext.worstcase import _common as C
 from cimext.worstcase.lwc import margin_loss
 

@@ -208,7 +208,9 @@ def _to_dataset(name: str, images: np.ndarray, labels: np.ndarray) -> TensorData
     mean, std = NORMALIZATION[name]
     x.sub_(torch.tensor(mean).view(1, -1, 1, 1)).div_(torch.tensor(std).view(1, -1, 1, 1))
     y = torch.from_numpy(labels.astype(np.int64))
-    return TensorDataset(x, y)
+    ds = TensorDataset(x, y)
+    ds.name = name  # lets fit() pick the dataset's default learning rate
+    return ds
 
 
 def _official_part(name: str, root: str | os.PathLike | None, part: str) -> tuple:
@@ -311,8 +313,12 @@ def _find_file(root: Path, stem: str) -> Path | None:
 def _read_idx(path: Path) -> np.ndarray:
     """Parse an IDX file (magic 0x0000 0x08 ndim, big-endian int32 dims, uint8 payload)."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut .gz an EOFError
+        what = "a truncated or damaged gzip file" if path.suffix == ".gz" else "unreadable"
+        raise ValueError(f"{path}: {what} ({e}); download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
     ndim = raw[3]
@@ -343,6 +349,10 @@ def _idx_part(root: Path, part: str, name: str) -> tuple[np.ndarray, np.ndarray]
         raise ValueError(
             f"{name}: {image_file.name} has shape {images.shape} and {label_file.name} "
             f"{labels.shape}; expected N x H x W images and N labels"
+        )
+    if len(labels) and int(labels.max()) >= 10:
+        raise ValueError(
+            f"{name}: {label_file.name} holds label {int(labels.max())}; {name} labels are 0 to 9"
         )
     return images[:, None, :, :], labels.astype(np.int64)
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._util import device_dict
+
 #: Training settings per dataset for the cached default models (the same as the README's
 #: `cimext train` commands; digits trains in seconds, fashion-mnist in about a minute per epoch).
 RECIPES: dict[str, dict] = {
@@ -33,10 +35,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CIMEXT_CACHE") or Path.home() / ".cache" / "cimext")
 
 
-def build(dataset: str, model: str = "lenet", quant=None, device_model=None, seed: int = 0):
-    """A fresh ``model`` for ``dataset`` (input shape and classes from the dataset), converted to
-    CiM layers with ``quant`` (e.g. (4, 4)) and ``device_model`` (default: the paper's devices,
-    K = 2 bits per device, σ = 0.1, for the quantized weight width, 8 bits for float weights)."""
+def build(
+    dataset: str,
+    model: str = "lenet",
+    quant=None,
+    device_model=None,
+    seed: int = 0,
+    *,
+    root: str | os.PathLike | None = None,
+    width: float | None = None,
+    input_size: int | None = None,
+):
+    """A fresh ``model`` for ``dataset`` converted to CiM layers with ``quant`` (e.g. (4, 4)) and
+    ``device_model`` (default: the paper's devices, K = 2 bits per device, σ = 0.1, for the
+    quantized weight width, 8 bits for float weights).
+
+    The input channels, image size and class count come from the data found under ``root``
+    (the dataset's own folder when None); ``width`` scales the channels of the models that take
+    it (not lenet); ``input_size`` overrides the image size (inputs resized before the model).
+    A model that cannot take the data's images (e.g. VGG on 8x8 digits) raises ValueError."""
     from . import data, models
     from .device import DeviceModel
     from .nn import convert
@@ -44,13 +61,25 @@ def build(dataset: str, model: str = "lenet", quant=None, device_model=None, see
     if device_model is None:
         wbits = quant[0] if quant is not None and quant[0] else 8
         device_model = DeviceModel(weight_bits=wbits, bits_per_device=2 if wbits % 2 == 0 else 1)
-
+    c, h, w = data.input_shape(dataset, root=root)
+    size = h if input_size is None else input_size
+    kw = dict(num_classes=data.num_classes(dataset, root=root), in_channels=c)
+    if width is not None and model != "lenet":
+        kw["width"] = width
     torch.manual_seed(seed)
-    c, h, _ = data.input_shape(dataset)
-    kw = dict(num_classes=data.num_classes(dataset), in_channels=c)
-    if model == "lenet":
-        kw["input_size"] = h
-    net = models.get(model, **kw)
+    try:
+        net = models.get(model, input_size=size, **kw)
+        if model not in ("lenet", "convnet"):
+            # The five poolings of VGG / ResNet need 32x32 inputs: fail here, before training.
+            with torch.no_grad():
+                net.eval()(torch.zeros(1, c, size, size if input_size is not None else w))
+            net.train()
+    except (ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"{model} cannot take {dataset}'s {size}x{size} images ({first}); use lenet or "
+            "convnet, or resize the inputs to 32x32"
+        ) from None
     return convert(net, device=device_model, quant=quant)
 
 
@@ -88,7 +117,14 @@ def load_run(path: str | os.PathLike) -> tuple[nn.Module, dict]:
             raise ValueError(f"{record_file}: bad device_model ({e})") from None
     else:
         dev = None
-    net = build(dataset, model, _quant(record.get("quant")), dev)
+    net = build(
+        dataset,
+        model,
+        _quant(record.get("quant")),
+        dev,
+        root=record.get("root"),
+        width=record.get("width"),
+    )
     try:
         net.load_state_dict(load_file(str(weights)))
     except Exception as e:  # safetensors raises its own error type for a bad file
@@ -129,7 +165,7 @@ def trained(
     train = data.loader(dataset, "train", recipe["batch_size"], root=root, seed=seed)
     val = data.loader(dataset, "val", 1024, root=root)
     test = data.loader(dataset, "test", 1024, root=root)
-    net = build(dataset, model, q, seed=seed)
+    net = build(dataset, model, q, seed=seed, root=root)
     res = fit(
         net,
         train,
@@ -146,7 +182,7 @@ def trained(
         model=model,
         method="vanilla",
         quant=list(q) if q is not None else None,
-        device_model=_device_dict(cim_device(net)),
+        device_model=device_dict(cim_device(net)),
         test_accuracy=accuracy(net, test),
         val_accuracy=res.best_value,
         best_epoch=res.best_epoch,
@@ -164,15 +200,6 @@ def cim_device(net: nn.Module):
     from .nn import cim_layers
 
     return cim_layers(net)[0][1].device
-
-
-def _device_dict(dev) -> dict:
-    from dataclasses import asdict
-
-    d = asdict(dev)
-    if d.get("level_sigma") is not None:
-        d["level_sigma"] = list(d["level_sigma"])
-    return d
 
 
 def _save_atomic(net: nn.Module, record: dict, folder: Path) -> None:

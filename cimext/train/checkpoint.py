@@ -3,43 +3,24 @@ so a run killed at any moment leaves either the previous checkpoint or the new o
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from .._util import atomic_write, write_json
 
 
 def save_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` atomically."""
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-
-    _atomic_write(Path(path), write)
+    write_json(path, obj)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write a flat dict of tensors with safetensors, atomically."""
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(flat, tmp))
+    atomic_write(path, lambda tmp: save_file(flat, tmp))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

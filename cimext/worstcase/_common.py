@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._util import check_finite_weights, progress
 from ..nn import require_cim_layers
 from .results import WorstCaseResult
 
@@ -415,6 +416,7 @@ def analysis(model, data, what: str) -> Iterator[Problem]:
     from .results import used_weight
 
     named = require_cim_layers(model, what)
+    check_finite_weights(model, what)
     device = named[0][1].weight.device
     batches = _batches(data, device, what)
     params = list(model.parameters())
@@ -558,20 +560,5 @@ def run_spec(prob: Problem, spec: BoundSpec, run_one) -> WorstCaseResult | list[
 
 
 def progress_bar(total: int, enabled: bool, desc: str):
-    """A tqdm bar (or a do-nothing stand-in when disabled)."""
-    if enabled:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-    return _NoBar()
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, *a, **k) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    """A manual progress bar of ``total`` ticks (a do-nothing stand-in when disabled)."""
+    return progress(total=total, enabled=enabled, desc=desc)

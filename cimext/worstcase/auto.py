@@ -41,6 +41,7 @@ import time
 
 import torch
 
+from .._util import check_finite_weights, check_seed
 from ..nn import require_cim_layers
 from . import _common as C
 from . import _search as S
@@ -141,8 +142,8 @@ def worst_case(
     named = require_cim_layers(model, what)
     if not isinstance(budget, str) or budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(map(repr, BUDGETS))}, got {budget!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = check_seed(seed)
+    check_finite_weights(model, what)
     spec = C.parse_th_g(th_g, named, what)
     plan = BUDGETS[budget]
 

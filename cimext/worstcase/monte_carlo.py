@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from .. import distributed
+from .._util import check_finite_weights, check_seed, device_dict
+from .._util import progress as _progress
 from ..device import DeviceModel
 from ..reference import splitmix64
 
@@ -118,15 +120,6 @@ def _population(model: nn.Module, device: DeviceModel) -> Iterator[None]:
     finally:
         for m, d in zip(layers, saved, strict=True):
             m.device = d
-
-
-def _progress(it, enabled: bool, total: int, desc: str):
-    """A tqdm bar over ``it`` (a manual one when ``it`` is None), or ``it`` when disabled."""
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 # Instances per forward. The fused path (GPU) takes every instance of a call in one launch, so
@@ -224,6 +217,8 @@ def monte_carlo(
     from ..nn import cim_layers, clean, instance, require_cim_layers, unfold
 
     require_cim_layers(model, "monte_carlo")
+    seed = check_seed(seed)
+    check_finite_weights(model, "monte_carlo")
     if not isinstance(device, DeviceModel):
         raise TypeError(f"device must be a cimext.DeviceModel, got {type(device).__name__}")
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
@@ -266,7 +261,7 @@ def monte_carlo(
                 correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in batches)
             clean_acc = correct / samples
         acc = torch.zeros(n, dtype=torch.float64)
-        bar = _progress(None, progress and rank == 0, len(mine), "monte carlo")
+        bar = _progress(total=len(mine), enabled=progress and rank == 0, desc="monte carlo")
         timings: dict[int, float] = {}
         # Storage of the chunk's perturbed weights, allocated once and reused by every chunk.
         buffers: dict = {}
@@ -309,7 +304,7 @@ def monte_carlo(
         accuracies=acc.tolist(),
         seed=int(seed),
         n=int(n),
-        device=_device_dict(device),
+        device=device_dict(device),
         clean_accuracy=clean_acc,
         seconds=time.perf_counter() - t0,
         samples=samples,
@@ -321,11 +316,3 @@ def monte_carlo(
             fused=fused,
         ),
     )
-
-
-def _device_dict(device: DeviceModel) -> dict:
-    from dataclasses import asdict
-
-    d = asdict(device)
-    d["level_sigma"] = list(d["level_sigma"]) if d["level_sigma"] is not None else None
-    return d

@@ -13,6 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .._util import check_seed
 from ..nn import require_cim_layers
 from . import _common as C
 from .flwc import sign_pass
@@ -52,8 +53,7 @@ def weight_pgd(
     if alpha is not None:
         alpha = C.check_positive("alpha", alpha)
     steps = C.check_steps("steps", steps)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = check_seed(seed)
 
     t0 = time.perf_counter()
     with C.analysis(model, data, what) as prob:

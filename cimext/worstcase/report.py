@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._util import check_finite_weights, check_seed
 from .results import WorstCaseResult
 
 METHODS = ("mc", "pgd", "flwc", "lwc", "auto")
@@ -233,6 +234,8 @@ def analyze(
 
     methods = check_methods(methods)
     named = require_cim_layers(model, "analyze")
+    seed = check_seed(seed)
+    check_finite_weights(model, "analyze")
     spec = C.parse_th_g(th_g, named, "analyze")
     if spec.kind == "dict":
         raise TypeError(

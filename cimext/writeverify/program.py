@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._util import check_seed
 from ..device import DeviceModel
 from ..nn import require_cim_layers
 from ..reference import splitmix64
@@ -232,8 +233,7 @@ def program(
     """
     if not isinstance(device, DeviceModel):
         raise TypeError(f"device must be a cimext.DeviceModel, got {type(device).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = check_seed(seed)
     max_pulses = check_max_pulses(max_pulses)
     masks = check_masks(model, verify_masks, device.devices)
     weights, pulses = {}, {}

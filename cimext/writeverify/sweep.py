@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .._util import check_finite_weights, check_seed, device_dict
+from .._util import progress as _progress
 from ..device import DeviceModel
 from ..nn import clean, perturbation, require_cim_layers
 from ..worstcase.monte_carlo import instance_seeds
@@ -167,14 +169,6 @@ def _batched_accuracy(model, layers, batches, weight_sets, chunk: int = 16) -> l
     return out
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
 @torch.no_grad()
 def selective_write_verify(
     model: nn.Module,
@@ -202,6 +196,8 @@ def selective_write_verify(
     Returns a SweepResult (``.to_json()``, ``.plot(prefix)``).
     """
     layers = require_cim_layers(model, "selective_write_verify")
+    seed = check_seed(seed)
+    check_finite_weights(model, "selective_write_verify")
     if not isinstance(device, DeviceModel):
         raise TypeError(f"device must be a cimext.DeviceModel, got {type(device).__name__}")
     methods = list(methods)
@@ -251,7 +247,7 @@ def selective_write_verify(
             acc_none = torch.zeros(instances, dtype=torch.float64)
             acc_full = torch.zeros(instances, dtype=torch.float64)
             p_none = p_full = 0.0
-            bar = _progress(instances, progress, "write-verify instances")
+            bar = _progress(total=instances, enabled=progress, desc="write-verify instances")
             full_masks = {n: torch.ones(t.numel(), dtype=torch.bool) for n, t in targets.items()}
             # Every (method, fraction) cell of one instance: the "none" and "full" rows first.
             cells = [(None, None, lambda n: None), (None, None, lambda n: full_masks[n])]
@@ -307,7 +303,6 @@ def selective_write_verify(
     sig_mean = None
     if device.level_sigma is not None:
         sig_mean = [float(device.sigma * v) for v in device.level_sigma]
-    from ..worstcase.monte_carlo import _device_dict
 
     return SweepResult(
         methods=out_methods,
@@ -319,7 +314,7 @@ def selective_write_verify(
         tolerance=float(tolerance),
         instances=int(instances),
         seed=int(seed),
-        device=_device_dict(device),
+        device=device_dict(device),
         seconds=time.perf_counter() - t0,
         settings=dict(
             fractions=fr,

@@ -5,11 +5,30 @@ weight PGD and Monte Carlo on one trained model, at one bound or over a sweep of
 
 from __future__ import annotations
 
+import argparse
+import math
+
+from .. import data, zoo
+from ..worstcase import report
+from ..worstcase.auto import BUDGETS
+from ..worstcase.report import METHODS
+from . import _common as C
+
+
+def add_run_option(p: argparse.ArgumentParser) -> None:
+    """--run DIR: the trained model to analyse (dest ``run_dir``; ``run`` is the dispatch)."""
+    p.add_argument(
+        "--run",
+        dest="run_dir",
+        default=None,
+        metavar="DIR",
+        help="a `cimext train --out` folder to analyze (default: train the dataset's default "
+        "model, or reuse it from the cache)",
+    )
+
 
 def add_parser(sub) -> None:
-    from .. import data, models
-    from .report import METHODS
-
+    """Register the ``worst-case`` subcommand."""
     p = sub.add_parser(
         "worst-case",
         help="worst-case accuracy under bounded weight perturbation (ensemble, LWC, PGD, MC)",
@@ -21,15 +40,8 @@ def add_parser(sub) -> None:
         "against th_g. Writes report.json, the per-method perturbations and the paper's "
         "figures into --out.",
     )
-    p.add_argument(
-        "--run",
-        default=None,
-        help="a `cimext train --out` folder to analyze (default: train the dataset's default "
-        "model, or reuse it from the cache)",
-    )
-    p.add_argument("--dataset", default="digits", choices=list(data.DATASETS))
-    p.add_argument("--root", default=None, help="dataset folder (default: the dataset's own)")
-    p.add_argument("--model", default="lenet", choices=list(models.MODELS))
+    add_run_option(p)
+    C.add_data_options(p)
     p.add_argument("--quant", default="4,4", help="weight[,input] bits of the default model")
     p.add_argument(
         "--method",
@@ -55,23 +67,20 @@ def add_parser(sub) -> None:
     p.add_argument("--no-eta-sweep", action="store_true", help="skip the Fig. 7 eta sweep")
     p.add_argument("--lwc-steps", type=int, default=None, help="LWC epochs per c value")
     p.add_argument("--search-steps", type=int, default=None, help="LWC c values tried")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=C.seed, default=0)
     p.add_argument("--html", action="store_true", help="also write a self-contained report.html")
-    p.add_argument("--out", default="runs/worst-case")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    C.add_output_options(p, "runs/worst-case", "report.json, figures, perturbations")
+    p.set_defaults(run=run, trains=False)
 
 
 def load_model(a):
     """The model named by --run, or the cached default for --dataset/--model/--quant."""
-    from .. import zoo
-    from ..cli import CLIError, _quant
-
-    if a.run is not None:
-        net, record = zoo.load_run(a.run)
+    if a.run_dir is not None:
+        net, record = zoo.load_run(a.run_dir)
         return net, record, record["dataset"]
-    quant = _quant(a.quant)
+    quant = C.quant(a.quant)
     if a.model != "lenet" or a.dataset not in zoo.RECIPES:
-        raise CLIError(
+        raise C.CLIError(
             f"no default training recipe for {a.model} on {a.dataset}; train it with "
             f"`cimext train --dataset {a.dataset} --model {a.model} --out DIR` and pass --run DIR"
         )
@@ -81,27 +90,21 @@ def load_model(a):
     return net, record, a.dataset
 
 
-def run(a) -> int:
-    from .. import data
-    from ..cli import CLIError, _writable_dir
-    from . import report
-
+def run(a: argparse.Namespace) -> int:
+    """The ``cimext worst-case`` command."""
     try:
         methods = report.check_methods(a.method)
     except ValueError as e:
-        raise CLIError(f"--method: {e}") from None
+        raise C.CLIError(f"--method: {e}") from None
     th_gs = parse_th_g(a.th_g)
-    from .auto import BUDGETS
-
     if a.budget not in BUDGETS:
-        raise CLIError(f"--budget must be one of {', '.join(BUDGETS)}, got {a.budget!r}")
+        raise C.CLIError(f"--budget must be one of {', '.join(BUDGETS)}, got {a.budget!r}")
     if a.eta is not None and not 0 < a.eta <= th_gs[0]:
-        raise CLIError(f"--eta must be in (0, th_g = {th_gs[0]:g}], got {a.eta}")
-    for name in ("batch_size", "mc_n", "lwc_steps", "search_steps"):
-        v = getattr(a, name)
-        if v is not None and v < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    out = _writable_dir(a.out)
+        raise C.CLIError(f"--eta must be in (0, th_g = {th_gs[0]:g}], got {a.eta}")
+    C.at_least(a, 1, "batch_size", "mc_n", "lwc_steps", "search_steps")
+    C.check_out(a.out)
+    if a.run_dir is None:
+        C.quant(a.quant)  # a bad --quant fails before the default model is trained
     net, record, dataset = load_model(a)
     loader = data.loader(dataset, a.split, a.batch_size, root=a.root)
     lwc_kwargs = {}
@@ -123,28 +126,25 @@ def run(a) -> int:
         progress=not a.quiet,
     )
     extra = dict(model_record=record, dataset=dataset, split=a.split)
-    files = report.write(rep, out, html=a.html, extra=extra)
+    with C.output_folder(a.out) as out:
+        files = report.write(rep, out, html=a.html, extra=extra)
     print(rep.format_table())
-    print(f"written: {len(files)} files in {out} (report.json, figures *.png)")
+    print(f"written: {len(files)} files in {a.out} (report.json, figures *.png)")
     return 0
 
 
 def parse_th_g(text) -> list[float]:
     """--th-g as a list of bounds: one number, or increasing numbers separated by commas."""
-    import math
-
-    from ..cli import CLIError
-
     parts = [t.strip() for t in str(text).split(",")]
     try:
         vals = [float(t) for t in parts]
     except ValueError:
-        raise CLIError(
+        raise C.CLIError(
             f"--th-g must be a number or increasing numbers separated by commas, got {text!r}"
         ) from None
     for v in vals:
         if not (math.isfinite(v) and v > 0):
-            raise CLIError(f"--th-g must be > 0, got {text}")
+            raise C.CLIError(f"--th-g must be > 0, got {text}")
     if any(b <= a for a, b in zip(vals, vals[1:], strict=False)):
-        raise CLIError(f"--th-g must be strictly increasing for a sweep, got {text}")
+        raise C.CLIError(f"--th-g must be strictly increasing for a sweep, got {text}")
     return vals

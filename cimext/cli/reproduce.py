@@ -9,33 +9,49 @@ Runs, each into its own folder under --out, the subcommands behind the README's 
 
 then gathers their JSON into ``results.json`` and ``results.md`` (Markdown tables) and prints
 the tables. ``--quick`` shrinks every study (fewer epochs, instances, seeds) to check the pipeline
-in minutes; the full run is what the README's table shows. ``--parts`` picks studies.
+in minutes; the full run is what the README's table shows. ``--parts`` picks studies. An
+interrupted run keeps its finished studies: the same command again resumes with the next one.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import argparse
 import time
 from pathlib import Path
 
+from . import _common as C
+from . import bitflip, compare, worst_case, write_verify
+
 PARTS = ("worst-case", "compare", "write-verify", "bitflip")
+MODULES = {
+    "worst-case": worst_case,
+    "compare": compare,
+    "write-verify": write_verify,
+    "bitflip": bitflip,
+}
+# The JSON file each study writes last: its presence means the study finished.
+RESULT_FILES = {
+    "worst-case": "report.json",
+    "compare": "compare.json",
+    "write-verify": "write_verify.json",
+    "bitflip": "bitflip.json",
+}
+STATE = "reproduce-state.json"
 
 
 def add_parser(sub) -> None:
-    from . import data
-
+    """Register the ``reproduce`` subcommand."""
     p = sub.add_parser(
         "reproduce",
         help="run every study (worst case, training, write-verify, bit flips) and tabulate",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--dataset", default="fashion-mnist", choices=list(data.DATASETS))
-    p.add_argument("--root", default=None, help="dataset folder (default: the dataset's own)")
+    C.add_data_options(p, model=False)
+    p.set_defaults(dataset="fashion-mnist")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {','.join(PARTS)}")
     p.add_argument("--quick", action="store_true", help="small settings (a pipeline check)")
-    p.add_argument("--out", default="runs/reproduce")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    C.add_output_options(p, "runs/reproduce", "one folder per study, results.md, results.json")
+    p.set_defaults(run=run, trains=True)
 
 
 def _commands(a, out: Path) -> dict[str, list[str]]:
@@ -107,11 +123,7 @@ def _commands(a, out: Path) -> dict[str, list[str]]:
     }
 
 
-def _load(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+_load = C.read_json
 
 
 def _pct(v) -> str:
@@ -192,44 +204,62 @@ def tables(out: Path) -> tuple[str, dict]:
     return "\n".join(md), summary
 
 
-def run(a) -> int:
-    from .cli import CLIError, _writable_dir, main
+def run_study(part: str, argv: list[str]) -> int:
+    """Run one study's subcommand with ``argv`` (its options), parsed by its own parser."""
+    parser = C.Parser(prog="cimext")
+    MODULES[part].add_parser(parser.add_subparsers())
+    a = parser.parse_args(argv)
+    return a.run(a)
 
+
+def run(a: argparse.Namespace) -> int:
+    """The ``cimext reproduce`` command."""
     parts = [p.strip() for p in a.parts.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
-        raise CLIError(f"--parts must name some of {', '.join(PARTS)}; got {a.parts!r}")
-    out = _writable_dir(a.out)
-    cmds = _commands(a, out)
-    t0 = time.perf_counter()
-    seconds = {}
-    for p in parts:
-        print(f"== {p}: cimext {' '.join(cmds[p])}", flush=True)
-        t = time.perf_counter()
-        code = main(cmds[p])
-        seconds[p] = time.perf_counter() - t
-        if code != 0:
-            raise CLIError(f"the {p} study failed (exit {code}); its command is printed above")
-    md, summary = tables(out)
-    header = (
-        f"Produced by `cimext reproduce --dataset {a.dataset}{' --quick' if a.quick else ''}` "
-        f"in {time.perf_counter() - t0:.0f} s.\n\n"
-    )
-    tmp = out / ".results.tmp"
-    tmp.write_text(header + md)
-    os.replace(tmp, out / "results.md")
-    record = dict(
-        dataset=a.dataset,
-        quick=a.quick,
-        parts=parts,
-        seconds=seconds,
-        commands=cmds,
-        summary=summary,
-    )
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out / "results.json")
+        raise C.CLIError(f"--parts must name some of {', '.join(PARTS)}; got {a.parts!r}")
+    with C.output_folder(a.out, resumable=True) as out:
+        cmds = _commands(a, out)
+        state = _load(out / STATE) or {}
+        done = set(state.get("done", [])) if state.get("commands") == cmds else set()
+        seconds = dict(state.get("seconds", {})) if done else {}
+        t0 = time.perf_counter()
+        for p in parts:
+            if p in done and (out / p / RESULT_FILES[p]).is_file():
+                print(f"== {p}: finished in an earlier run, kept", flush=True)
+                continue
+            print(f"== {p}: cimext {' '.join(cmds[p])}", flush=True)
+            t = time.perf_counter()
+            try:
+                code = run_study(p, cmds[p])
+            except KeyboardInterrupt:
+                raise C.Interrupted(
+                    f"the finished studies are kept in {C.partial_dir(Path(a.out))}; the same "
+                    "command resumes with the next one"
+                ) from None
+            seconds[p] = time.perf_counter() - t
+            if code != 0:
+                raise C.CLIError(
+                    f"the {p} study failed (exit {code}); its command is printed above"
+                )
+            done.add(p)
+            C.write_json(out / STATE, dict(commands=cmds, done=sorted(done), seconds=seconds))
+        md, summary = tables(out)
+        header = (
+            f"Produced by `cimext reproduce --dataset {a.dataset}{' --quick' if a.quick else ''}` "
+            f"in {time.perf_counter() - t0:.0f} s.\n\n"
+        )
+        C.write_text(out / "results.md", header + md)
+        record = dict(
+            dataset=a.dataset,
+            quick=a.quick,
+            parts=parts,
+            seconds=seconds,
+            commands=cmds,
+            summary=summary,
+        )
+        C.write_json(out / "results.json", record)
     print()
     print(md)
-    print(f"written: {out / 'results.md'}, {out / 'results.json'}")
+    print(f"written: {a.out}/results.md, results.json")
     return 0

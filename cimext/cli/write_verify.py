@@ -6,27 +6,29 @@ prints a summary table with each method's speedup over full write-verify."""
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
-import os
 import time
 from pathlib import Path
+
+import torch
+
+from .. import data
+from ..train import accuracy, fit
+from ..writeverify.sensitivity import METHODS
+from ..writeverify.sweep import DEFAULT_FRACTIONS, selective_write_verify
+from . import _common as C
 
 DEFAULT_LEVEL_SIGMA = "0.5,1.5,1.5,0.5"
 
 
 def add_parser(sub) -> None:
     """Register the write-verify subcommand on an argparse subparsers object."""
-    from .. import data, models
-    from .sensitivity import METHODS
-
     p = sub.add_parser(
         "write-verify",
         help="selective write-verify (U-SWIM): accuracy vs fraction verified and vs pulses",
     )
-    p.add_argument("--dataset", default="digits", choices=list(data.DATASETS))
-    p.add_argument("--root", default=None, help="dataset folder (default: the dataset's own)")
-    p.add_argument("--model", default="lenet", choices=list(models.MODELS))
+    C.add_data_options(p)
     p.add_argument("--width", type=float, default=0.125, help="channel multiplier (not lenet)")
     p.add_argument("--init", default=None, metavar="PATH", help="weights (model.safetensors)")
     p.add_argument("--epochs", type=int, default=5, help="training epochs when no --init")
@@ -60,120 +62,114 @@ def add_parser(sub) -> None:
         help="verify whole weights (all their devices; the paper) or single devices",
     )
     p.add_argument("--calib", type=int, default=1024, help="training samples for the Hessian")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/write-verify", help="output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--seed", type=C.seed, default=0)
+    C.add_output_options(p, "runs/write-verify", "JSON, PNG, the trained model")
+    p.set_defaults(run=run, trains=True)
 
 
 def _floats(name: str, text: str) -> list[float]:
-    from ..cli import CLIError
-
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise CLIError(f"{name} must be comma-separated numbers, got {text!r}") from None
-    if not vals or any(math.isnan(v) for v in vals):
-        raise CLIError(f"{name} must be comma-separated numbers, got {text!r}")
-    return vals
+    return C.floats(text, name)
 
 
 def _device(a):
-    from ..cli import CLIError
-    from ..device import DeviceModel
-
     ls = None
     if a.level_sigma.strip().lower() not in ("", "none"):
         ls = tuple(_floats("--level-sigma", a.level_sigma))
-    try:
-        return DeviceModel(
-            weight_bits=a.weight_bits,
-            bits_per_device=a.bits_per_device,
-            sigma=a.sigma,
-            level_sigma=ls,
-            th=a.th,
-        )
-    except (TypeError, ValueError) as e:
-        raise CLIError(str(e)) from None
+    return C.device_model(
+        weight_bits=a.weight_bits,
+        bits_per_device=a.bits_per_device,
+        sigma=a.sigma,
+        level_sigma=ls,
+        th=a.th,
+    )
 
 
 def _check_args(a):
-    from ..cli import CLIError
-    from .sensitivity import METHODS
-
-    for name in ("epochs", "batch_size", "instances", "max_pulses", "calib"):
-        if getattr(a, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if not 0.0 <= a.tolerance < 100.0:
-        raise CLIError(f"--tolerance must be in [0, 100) accuracy points, got {a.tolerance}")
+    C.at_least(a, 1, "epochs", "batch_size", "instances", "max_pulses", "calib")
+    C.finite_positive(a, "lr")
+    if not 0.0 <= a.tolerance < 100.0:  # NaN fails too
+        raise C.CLIError(f"--tolerance must be in [0, 100) accuracy points, got {a.tolerance}")
     if not a.width > 0:
-        raise CLIError(f"--width must be > 0, got {a.width}")
+        raise C.CLIError(f"--width must be > 0, got {a.width}")
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise CLIError(f"--methods must be a list of {', '.join(METHODS)}; got {a.methods!r}")
+        raise C.CLIError(f"--methods must be a list of {', '.join(METHODS)}; got {a.methods!r}")
     fractions = None
     if a.fractions is not None:
         fractions = _floats("--fractions", a.fractions)
         if any(not 0.0 <= f <= 1.0 for f in fractions):
-            raise CLIError(f"--fractions must be in [0, 1], got {a.fractions!r}")
+            raise C.CLIError(f"--fractions must be in [0, 1], got {a.fractions!r}")
     if a.init is not None and not Path(a.init).is_file():
-        raise CLIError(f"--init {a.init}: no such file")
+        raise C.CLIError(f"--init {a.init}: no such file")
     return methods, fractions
 
 
-def _model(a, device):
-    import torch
-
-    from .. import data, models
-    from ..cli import CLIError
-    from ..nn import convert
-
-    torch.manual_seed(a.seed)
-    c, h, _ = data.input_shape(a.dataset, root=a.root)
-    kw = dict(num_classes=data.num_classes(a.dataset, root=a.root), in_channels=c, input_size=h)
-    if a.model != "lenet":
-        kw["width"] = a.width
-    try:
-        net = models.get(a.model, **kw)
-    except (TypeError, ValueError) as e:
-        raise CLIError(f"--model {a.model}: {e}") from None
-    return convert(net, device=device)
-
-
-def run(a) -> int:
+def run(a: argparse.Namespace) -> int:
     """The write-verify subcommand (parsed arguments ``a``)."""
-    import torch
-
-    from .. import data
-    from ..cli import CLIError, _writable_dir, load_init, save_weights
-    from ..train import accuracy, fit
-    from .sweep import DEFAULT_FRACTIONS, selective_write_verify
-
     methods, fractions = _check_args(a)
     device = _device(a)
-    out = _writable_dir(a.out)
+    C.check_out(a.out)
     t0 = time.perf_counter()
-    try:
-        train = data.loader(a.dataset, "train", a.batch_size, root=a.root, seed=a.seed)
-        val = data.loader(a.dataset, "val", 1024, root=a.root)
-        test = data.loader(a.dataset, "test", 1024, root=a.root)
-    except (OSError, ValueError) as e:  # a missing dataset: its message, on one line
-        raise CLIError(" ".join(str(e).split())) from None
-    model = _model(a, device)
+    train = data.loader(a.dataset, "train", a.batch_size, root=a.root, seed=a.seed)
+    val = data.loader(a.dataset, "val", 1024, root=a.root)
+    test = data.loader(a.dataset, "test", 1024, root=a.root)
+    width = a.width if a.model != "lenet" else None
+    model = C.build_model(a.dataset, a.model, a.root, width, device=device, seed=a.seed)
     if a.init is not None:
-        load_init(model, a.init, f"this {a.model}")
-    else:
-        fit(
-            model,
-            train,
-            val,
-            "vanilla",
+        C.load_init(model, a.init, f"this {a.model}")
+    with C.output_folder(a.out) as out:
+        trained = None
+        if a.init is None:
+            res = fit(
+                model,
+                train,
+                val,
+                "vanilla",
+                epochs=a.epochs,
+                lr=a.lr,
+                seed=a.seed,
+                progress=not a.quiet,
+            )
+            trained = train_record(a, model, res, test, width, out)
+        try:
+            return _sweep(a, model, device, test, methods, fractions, out, t0)
+        except KeyboardInterrupt:
+            if trained is None:
+                raise
+            raise C.Interrupted(trained) from None
+
+
+def train_record(a, model, res, test, width, out: Path, *, run_model=None) -> str:
+    """Save the model trained by write-verify / bitflip with its record (model.json), so that
+    Ctrl-C in the analysis after training keeps both; returns what Ctrl-C then says.
+    ``run_model`` (default ``model``) is what runs on ``test`` (e.g. with a resize in front)."""
+    C.save_weights(model, out / "model.safetensors")
+    C.write_json(
+        out / "model.json",
+        dict(
+            command=a.command,
+            dataset=a.dataset,
+            root=a.root,
+            model=a.model,
+            width=width,
             epochs=a.epochs,
             lr=a.lr,
             seed=a.seed,
-            progress=not a.quiet,
-        )
-        save_weights(model, out / "model.safetensors")
+            test_accuracy=accuracy(run_model if run_model is not None else model, test),
+            val_accuracy=res.best_value,
+            best_epoch=res.best_epoch,
+            history=res.history,
+            torch=torch.__version__,
+        ),
+    )
+    return (
+        f"the trained model is kept in {a.out}/model.safetensors with model.json; "
+        f"--init {a.out}/model.safetensors skips training next time"
+    )
+
+
+def _sweep(a, model, device, test, methods, fractions, out: Path, t0: float) -> int:
     clean_test = accuracy(model, test)
     # Hessian calibration: the first --calib training samples, in fixed order.
     calib_set = data.load(a.dataset, "train", a.root, seed=a.seed)
@@ -207,12 +203,11 @@ def run(a) -> int:
         total_seconds=time.perf_counter() - t0,
         torch=torch.__version__,
     )
-    tmp = out / ".write_verify.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out / "write_verify.json")
+    C.write_json(out / "write_verify.json", record)
     plots = res.plot(str(out / "write_verify"))
     print(summary_table(res))
-    print(f"written: {out / 'write_verify.json'}, {', '.join(plots)}")
+    names = ", ".join(Path(p).name for p in plots)
+    print(f"written: {a.out}/write_verify.json, {names}")
     return 0
 
 

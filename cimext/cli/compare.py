@@ -12,75 +12,30 @@ several --seeds every figure is a mean ± std over the seeds, as in the paper.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import statistics
 import time
 from pathlib import Path
+
+from .. import data, distributed
+from .._util import progress as progress_bar
+from ..train import accuracy, fit
+from ..train.fit import METHODS
+from ..worstcase import lwc
+from . import _common as C
+from .train import add_method_arguments, default_lr, method_kwargs
 
 DEFAULT_METHODS = ("vanilla", "va", "trice", "atrice")
 LABELS = {"vanilla": "vanilla", "va": "VA", "trice": "TRICE", "adv": "adv", "atrice": "A-TRICE"}
 
 
-def add_method_arguments(p: argparse.ArgumentParser) -> None:
-    """The adv / A-TRICE options shared by ``cimext train`` and ``cimext compare``."""
-    p.add_argument(
-        "--alpha", type=float, default=0.5, help="atrice: weight of the adversarial loss"
-    )
-    p.add_argument(
-        "--train-th-g",
-        type=float,
-        default=0.03,
-        help="adv/atrice: bound of the training perturbation (fraction of max|W|)",
-    )
-    p.add_argument(
-        "--step-size", type=float, default=None, help="adv/atrice: sign step s (default: the bound)"
-    )
-    p.add_argument("--adv-steps", type=int, default=1, help="adv/atrice: sign steps per batch")
-    p.add_argument(
-        "--metric",
-        default="clean",
-        help="validation metric that picks the best epoch: clean, mc or flwc",
-    )
-
-
-def method_kwargs(a: argparse.Namespace, method: str) -> dict:
-    """fit() keywords of ``method`` from the parsed options; bad values raise CLIError."""
-    from ..cli import CLIError
-    from .fit import METRICS
-
-    if a.metric not in METRICS:
-        raise CLIError(f"--metric must be one of {', '.join(METRICS)}; got {a.metric!r}")
-    for flag, v in (("--train-th-g", a.train_th_g), ("--step-size", a.step_size)):
-        if v is not None and not (math.isfinite(v) and v > 0):
-            raise CLIError(f"{flag} must be a finite number > 0, got {v}")
-    if not (math.isfinite(a.alpha) and 0.0 <= a.alpha <= 1.0):
-        raise CLIError(f"--alpha must be in [0, 1], got {a.alpha}")
-    if a.adv_steps < 1:
-        raise CLIError(f"--adv-steps must be >= 1, got {a.adv_steps}")
-    kw: dict = dict(metric=a.metric)
-    if a.metric == "flwc":
-        kw["metric_options"] = dict(th_g=a.train_th_g)
-    if method in ("adv", "atrice"):
-        kw.update(th_g=a.train_th_g, step_size=a.step_size, adv_steps=a.adv_steps)
-        if method == "atrice":
-            kw["alpha"] = a.alpha
-    return kw
-
-
 def add_parser(sub) -> None:
     """Register the ``compare`` subcommand."""
-    from .. import data, models
-
     p = sub.add_parser(
         "compare",
         help="train vanilla, VA, TRICE and A-TRICE and compare their LWC worst cases",
         description=__doc__.split("\n\n")[1],
     )
-    p.add_argument("--dataset", default="digits", choices=list(data.DATASETS))
-    p.add_argument("--root", default=None, help="dataset folder (default: the dataset's own)")
-    p.add_argument("--model", default="lenet", choices=list(models.MODELS))
+    C.add_data_options(p)
     p.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
@@ -88,7 +43,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default: the dataset's own)"
+    )
     p.add_argument("--quant", default=None, help="weight[,input] bits, e.g. 4,4 (default: float)")
     p.add_argument("--sigma", type=float, default=0.1, help="va: device sigma, per level")
     p.add_argument("--bits-per-device", type=int, default=2)
@@ -112,70 +69,38 @@ def add_parser(sub) -> None:
     p.add_argument("--lwc-steps", type=int, default=30, help="LWC: Adam epochs per c value")
     p.add_argument("--search-steps", type=int, default=10, help="LWC: binary-search steps on c")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; one run per seed")
-    p.add_argument("--out", default="runs/compare", help="output folder (JSON, PNG, weights)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _floats(text: str, flag: str) -> list[float]:
-    from ..cli import CLIError
-
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise CLIError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-    if not vals or any(not (math.isfinite(v) and v > 0) for v in vals):
-        raise CLIError(f"{flag} must be comma-separated numbers > 0, got {text!r}")
-    return vals
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    from ..cli import CLIError
-
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise CLIError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not vals or len(set(vals)) != len(vals):
-        raise CLIError(f"{flag} must be distinct comma-separated integers, got {text!r}")
-    return vals
+    C.add_output_options(p, "runs/compare", "JSON, PNG, weights")
+    p.set_defaults(run=run, trains=True)
 
 
 def _check(a) -> tuple[list[str], list[float], float, list[int]]:
-    from ..cli import CLIError
-    from .fit import METHODS
-
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if not methods or bad:
-        raise CLIError(
+        raise C.CLIError(
             f"--methods must be comma-separated names from {', '.join(sorted(METHODS))}; "
             f"got {a.methods!r}"
         )
     if len(set(methods)) != len(methods):
-        raise CLIError(f"--methods names a method twice: {a.methods!r}")
-    for name in ("epochs", "batch_size", "lwc_steps", "search_steps"):
-        if getattr(a, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if a.eval_samples < 0:
-        raise CLIError(f"--eval-samples must be >= 0, got {a.eval_samples}")
-    if not (math.isfinite(a.lr) and a.lr > 0):
-        raise CLIError(f"--lr must be a finite number > 0, got {a.lr}")
-    th_gs = sorted(set(_floats(a.th_g, "--th-g")))
+        raise C.CLIError(f"--methods names a method twice: {a.methods!r}")
+    C.at_least(a, 1, "epochs", "batch_size", "lwc_steps", "search_steps")
+    C.at_least(a, 0, "eval_samples")
+    default_lr(a.dataset, a.lr)
+    C.finite_positive(a, "sigma_t", "th_rcg", "main_th_g")
+    th_gs = sorted(set(C.floats(a.th_g, "--th-g", positive=True)))
     main = 0.03 if a.main_th_g is None else a.main_th_g
     if a.main_th_g is None and main not in th_gs:
         main = th_gs[len(th_gs) // 2]
     if main not in th_gs:
-        raise CLIError(f"--main-th-g {main} is not one of --th-g {a.th_g}")
+        raise C.CLIError(f"--main-th-g {main} is not one of --th-g {a.th_g}")
     for m in methods:
         method_kwargs(a, m)  # validates --alpha and friends before any training
-    return methods, th_gs, main, _ints(a.seeds, "--seeds")
+    return methods, th_gs, main, C.ints(a.seeds, "--seeds", seeds=True)
 
 
 def _eval_loader(a):
     import torch
     from torch.utils.data import DataLoader, TensorDataset
-
-    from .. import data
 
     test = data.load(a.dataset, "test", root=a.root)
     x, y = test.tensors
@@ -258,51 +183,70 @@ def plot(record: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    fig.savefig(path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def run(a: argparse.Namespace) -> int:
     """The ``cimext compare`` command."""
     import torch
-    from safetensors.torch import save_file
-
-    from .. import distributed
-    from ..cli import CLIError, _quant, _writable_dir
-    from ..device import DeviceModel
-    from ..worstcase import lwc
-    from ..zoo import build as build_model
-    from .fit import accuracy, fit
 
     methods, th_gs, main, seeds = _check(a)
-    out = _writable_dir(a.out)
-    quant = _quant(a.quant)
-    try:
-        wbits = quant[0] if quant and quant[0] else 8
-        dev = DeviceModel(weight_bits=wbits, bits_per_device=a.bits_per_device, sigma=a.sigma)
-    except (TypeError, ValueError) as e:
-        raise CLIError(str(e)) from None
-    from .. import data
-
+    lr = default_lr(a.dataset, a.lr)
+    quant = C.quant(a.quant)
+    wbits = quant[0] if quant and quant[0] else 8
+    dev = C.device_model(weight_bits=wbits, bits_per_device=a.bits_per_device, sigma=a.sigma)
+    C.check_out(a.out)
+    C.build_model(a.dataset, a.model, a.root, quant=quant, device=dev)  # fails before training
     val = data.loader(a.dataset, "val", 1024, root=a.root)
     eval_data, test, eval_n = _eval_loader(a)
     progress = not a.quiet and distributed.is_main()
     t0 = time.perf_counter()
     runs = []
     total = len(methods) * len(seeds) * len(th_gs)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    with C.output_folder(a.out) as out:
+        bar = None
+        if progress:
+            bar = progress_bar(total=total, desc="compare (LWC evaluations)", leave=True)
+        _train_all(a, out, methods, th_gs, seeds, quant, dev, lr, val, eval_data, test, bar, runs)
+        record = dict(
+            command="compare",
+            dataset=a.dataset,
+            model=a.model,
+            quant=quant,
+            methods=methods,
+            th_g=th_gs,
+            main_th_g=main,
+            seeds=seeds,
+            epochs=a.epochs,
+            lr=lr,
+            eval_samples=eval_n,
+            lwc=dict(steps=a.lwc_steps, search_steps=a.search_steps),
+            device_model=dict(weight_bits=wbits, bits_per_device=a.bits_per_device, sigma=a.sigma),
+            runs=runs,
+            seconds=time.perf_counter() - t0,
+            torch=torch.__version__,
+        )
+        if not distributed.is_main():
+            return 0
+        C.write_json(out / "compare.json", record)
+        plot(record, out / "compare.png")
+    print(tables(record))
+    print(f"\nwritten: {a.out}/compare.json, compare.png ({record['seconds']:.0f} s)")
+    return 0
 
-        bar = tqdm(total=total, desc="compare (LWC evaluations)", position=0, dynamic_ncols=True)
+
+def _train_all(a, out, methods, th_gs, seeds, quant, dev, lr, val, eval_data, test, bar, runs):
+    """Train every (seed, method) and evaluate it with LWC at every th_g; rows into ``runs``."""
+    progress = bar is not None
     try:
         for seed in seeds:
             for method in methods:
                 t_m = time.perf_counter()
                 train = data.loader(a.dataset, "train", a.batch_size, root=a.root, seed=seed)
-                model = build_model(a.dataset, a.model, quant, dev, seed)
+                model = C.build_model(
+                    a.dataset, a.model, a.root, quant=quant, device=dev, seed=seed
+                )
                 run_dir = out / "runs" / f"{method}-seed{seed}"
                 res = fit(
                     model,
@@ -310,7 +254,7 @@ def run(a: argparse.Namespace) -> int:
                     val,
                     method,
                     epochs=a.epochs,
-                    lr=a.lr,
+                    lr=lr,
                     sigma_t=a.sigma_t,
                     th_rcg=a.th_rcg,
                     seed=seed,
@@ -320,10 +264,7 @@ def run(a: argparse.Namespace) -> int:
                 )
                 test_acc = accuracy(model, test)
                 if distributed.is_main():
-                    save_file(
-                        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                        str(run_dir / "model.safetensors"),
-                    )
+                    C.save_weights(model, run_dir / "model.safetensors")
                 worst, eval_clean = {}, None
                 for t in th_gs:
                     if bar is not None:
@@ -357,29 +298,3 @@ def run(a: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    record = dict(
-        command="compare",
-        dataset=a.dataset,
-        model=a.model,
-        quant=quant,
-        methods=methods,
-        th_g=th_gs,
-        main_th_g=main,
-        seeds=seeds,
-        epochs=a.epochs,
-        eval_samples=eval_n,
-        lwc=dict(steps=a.lwc_steps, search_steps=a.search_steps),
-        device_model=dict(weight_bits=wbits, bits_per_device=a.bits_per_device, sigma=a.sigma),
-        runs=runs,
-        seconds=time.perf_counter() - t0,
-        torch=torch.__version__,
-    )
-    if not distributed.is_main():
-        return 0
-    tmp = out / ".compare.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out / "compare.json")
-    plot(record, out / "compare.png")
-    print(tables(record))
-    print(f"\nwritten: {out / 'compare.json'}, {out / 'compare.png'} ({record['seconds']:.0f} s)")
-    return 0

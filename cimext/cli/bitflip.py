@@ -6,24 +6,33 @@ and bitflip.png into --out; prints a table of midpoints with their ratio to the 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import time
+
+import torch
+from torch import nn
+
+from .. import data
+from .._util import progress as progress_bar
+from ..bitflip.inject import STORAGE_DTYPES
+from ..bitflip.study import evaluate, midpoint, midpoint_steps, sweep
+from ..ops.bitflip import bit_mask
+from ..train import fit
+from . import _common as C
+from .write_verify import train_record
 
 DEFAULT_PS = "1e-9,1e-8,1e-7,1e-6,1e-5,1e-4,1e-3,1e-2,1e-1"
 
 
 def add_parser(sub) -> None:
     """Register the bitflip subcommand on an argparse subparsers object."""
-    from .. import data, models
-
     p = sub.add_parser(
         "bitflip", help="bit-flip noise in memory: accuracy vs flip probability, midpoints"
     )
-    p.add_argument("--dataset", default="digits", choices=list(data.DATASETS))
-    p.add_argument("--root", default=None, help="dataset folder (default: the dataset's own)")
-    p.add_argument("--model", default="lenet", choices=list(models.MODELS))
+    C.add_data_options(p)
     p.add_argument("--width", type=float, default=0.125, help="channel multiplier (not lenet)")
     p.add_argument(
         "--resize",
@@ -51,51 +60,37 @@ def add_parser(sub) -> None:
         help="test batch size: every batch is a fresh memory read, so smaller batches average "
         "more flip draws per evaluation",
     )
-    p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--out", default="runs/bitflip", help="output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--seed", type=C.seed, default=0, help="training seed")
+    C.add_output_options(p, "runs/bitflip", "JSON, PNG, the trained model")
+    p.set_defaults(run=run, trains=True)
 
 
 def _list(name: str, text: str) -> list[str]:
-    from ..cli import CLIError
-
     vals = [v.strip() for v in text.split(",") if v.strip()]
     if not vals:
-        raise CLIError(f"{name} must be a comma-separated list, got {text!r}")
+        raise C.CLIError(f"{name} must be a comma-separated list, got {text!r}")
     return vals
 
 
 def _check_args(a):
-    import torch
-
-    from ..cli import CLIError
-    from ..ops.bitflip import bit_mask
-    from .inject import STORAGE_DTYPES
-
-    for name in ("epochs", "batch_size", "seeds", "eval_batch"):
-        if getattr(a, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if a.test_samples is not None and a.test_samples < 1:
-        raise CLIError(f"--test-samples must be >= 1, got {a.test_samples}")
-    if a.resize is not None and a.resize < 1:
-        raise CLIError(f"--resize must be >= 1, got {a.resize}")
+    C.at_least(a, 1, "epochs", "batch_size", "seeds", "eval_batch", "test_samples", "resize")
     if not a.width > 0:
-        raise CLIError(f"--width must be > 0, got {a.width}")
+        raise C.CLIError(f"--width must be > 0, got {a.width}")
     if not (a.tol > 0 and math.isfinite(a.tol)):
-        raise CLIError(f"--tol must be > 0 decades, got {a.tol}")
+        raise C.CLIError(f"--tol must be > 0 decades, got {a.tol}")
     if not (a.lr > 0 and math.isfinite(a.lr)):
-        raise CLIError(f"--lr must be > 0, got {a.lr}")
+        raise C.CLIError(f"--lr must be > 0, got {a.lr}")
     try:
         ps = [float(v) for v in _list("--ps", a.ps)]
     except ValueError:
-        raise CLIError(f"--ps must be comma-separated numbers, got {a.ps!r}") from None
+        raise C.CLIError(f"--ps must be comma-separated numbers, got {a.ps!r}") from None
     bad = [p for p in ps if not 0.0 <= p <= 1.0]  # NaN fails too
     if bad:
-        raise CLIError(f"--ps must be probabilities in [0, 1], got {bad[0]}")
+        raise C.CLIError(f"--ps must be probabilities in [0, 1], got {bad[0]}")
     dtypes = _list("--dtypes", a.dtypes)
     for d in dtypes:
         if d not in STORAGE_DTYPES:
-            raise CLIError(f"--dtypes: {d!r} is not one of {', '.join(STORAGE_DTYPES)}")
+            raise C.CLIError(f"--dtypes: {d!r} is not one of {', '.join(STORAGE_DTYPES)}")
     bits = _list("--bits", a.bits)
     pairs, skipped = [], []
     for d in dtypes:
@@ -104,55 +99,36 @@ def _check_args(a):
                 bit_mask(STORAGE_DTYPES[d], b)
             except ValueError as e:
                 if "is not one of" in str(e):
-                    raise CLIError(f"--bits: {e}") from None
+                    raise C.CLIError(f"--bits: {e}") from None
                 skipped.append(f"{d}/{b}")
                 continue
             pairs.append((d, b))
     if not pairs:
-        raise CLIError(f"no valid dtype / bits pair in --dtypes {a.dtypes} --bits {a.bits}")
+        raise C.CLIError(f"no valid dtype / bits pair in --dtypes {a.dtypes} --bits {a.bits}")
     if a.init is not None and not os.path.isfile(a.init):
-        raise CLIError(f"--init {a.init}: no such file")
-    del torch
+        raise C.CLIError(f"--init {a.init}: no such file")
     return ps, pairs, skipped
 
 
 def _model(a):
-    import torch
-    from torch import nn
-
-    from .. import data, models
-    from ..cli import CLIError
-
-    torch.manual_seed(a.seed)
+    """(the model run on the data, the CiM net inside it, the resize or None): VGG / ResNet on
+    inputs smaller than 32x32 get an upsampling layer in front (their five poolings need it)."""
     c, h, _ = data.input_shape(a.dataset, root=a.root)
     resize = a.resize
     if resize is None and a.model not in ("lenet", "convnet") and h < 32:
         resize = 32
-    size = resize or h
-    kw = dict(num_classes=data.num_classes(a.dataset, root=a.root), in_channels=c, input_size=size)
-    if a.model != "lenet":
-        kw["width"] = a.width
-    try:
-        net = models.get(a.model, **kw)
-    except (TypeError, ValueError) as e:
-        raise CLIError(f"--model {a.model}: {e}") from None
+    width = a.width if a.model != "lenet" else None
+    net = C.build_model(a.dataset, a.model, a.root, width, seed=a.seed, input_size=resize or h)
     if resize is None or resize == h:
         return net, net, None
     up = nn.Upsample(size=(resize, resize), mode="bilinear", align_corners=False)
     return nn.Sequential(up, net), net, resize
 
 
-def run(a) -> int:
+def run(a: argparse.Namespace) -> int:
     """The bitflip subcommand (parsed arguments ``a``)."""
-    import torch
-
-    from .. import data
-    from ..cli import _writable_dir, load_init, save_weights
-    from ..train import fit
-    from .study import evaluate, midpoint, midpoint_steps, sweep
-
     ps, pairs, skipped = _check_args(a)
-    out = _writable_dir(a.out)
+    C.check_out(a.out)
     t0 = time.perf_counter()
     # The test set in memory as fixed batches of --eval-batch (each batch one noisy read).
     xs, ys = zip(*data.loader(a.dataset, "test", 1024, root=a.root), strict=True)
@@ -161,30 +137,40 @@ def run(a) -> int:
     test = [(x[i : i + b], y[i : i + b]) for i in range(0, len(y), b)]
     model, net, resize = _model(a)
     if a.init is not None:
-        load_init(net, a.init, f"this {a.model}")
-    else:
-        train = data.loader(a.dataset, "train", a.batch_size, root=a.root, seed=a.seed)
-        val = data.loader(a.dataset, "val", 1024, root=a.root)
-        fit(
-            model,
-            train,
-            val,
-            "vanilla",
-            epochs=a.epochs,
-            lr=a.lr,
-            seed=a.seed,
-            progress=not a.quiet,
-        )
-        save_weights(net, out / "model.safetensors")
+        C.load_init(net, a.init, f"this {a.model}")
+    with C.output_folder(a.out) as out:
+        trained = None
+        if a.init is None:
+            train = data.loader(a.dataset, "train", a.batch_size, root=a.root, seed=a.seed)
+            val = data.loader(a.dataset, "val", 1024, root=a.root)
+            res = fit(
+                model,
+                train,
+                val,
+                "vanilla",
+                epochs=a.epochs,
+                lr=a.lr,
+                seed=a.seed,
+                progress=not a.quiet,
+            )
+            width = a.width if a.model != "lenet" else None
+            trained = train_record(a, net, res, test, width, out, run_model=model)
+        try:
+            return _study(a, model, test, ps, pairs, skipped, resize, out, t0)
+        except KeyboardInterrupt:
+            if trained is None:
+                raise
+            raise C.Interrupted(trained) from None
+
+
+def _study(a, model, test, ps, pairs, skipped, resize, out, t0) -> int:
     model.eval()
     clean = evaluate(model, test)[0]
     steps = len(ps) + (0 if a.no_midpoint else midpoint_steps(tol=a.tol))
     bar = None
     if not a.quiet:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=len(pairs) * steps * a.seeds, desc="bitflip (evaluations)", dynamic_ncols=True
+        bar = progress_bar(
+            total=len(pairs) * steps * a.seeds, desc="bitflip (evaluations)", leave=True
         )
     records = []
     try:
@@ -220,14 +206,12 @@ def run(a) -> int:
         total_seconds=time.perf_counter() - t0,
         torch=torch.__version__,
     )
-    tmp = out / ".bitflip.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out / "bitflip.json")
-    png = _plot(records, str(out / "bitflip.png"), f"{a.model} on {a.dataset}")
+    C.write_json(out / "bitflip.json", record)
+    _plot(records, str(out / "bitflip.png"), f"{a.model} on {a.dataset}")
     print(summary_table(records, clean))
     if skipped:
         print(f"skipped (no such bits in the dtype): {', '.join(skipped)}")
-    print(f"written: {out / 'bitflip.json'}, {png}")
+    print(f"written: {a.out}/bitflip.json, bitflip.png")
     return 0
 
 

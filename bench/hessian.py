@@ -10,13 +10,13 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .hessian import diag_ggn_exact, hessian_diag
+from bench.timing import interleaved
+from cimext import models
+from cimext.nn import convert
+from cimext.writeverify.hessian import diag_ggn_exact, hessian_diag
 
 
 def _lenet_batch(batch: int, device: torch.device):
-    from .. import models
-    from ..nn import convert
-
     torch.manual_seed(0)
     model = convert(models.lenet()).to(device)
     x = torch.randn(batch, 1, 28, 28, device=device)
@@ -34,8 +34,6 @@ def bench_obd(
 ) -> dict:
     """Timings of one forward + backward ("clean") and obd ("cimext") on LeNet (28x28) with one
     batch; with ``extra`` also the exact diagonal GGN and Hutchinson with 10 probes."""
-    from ..bench import _interleaved
-
     device = torch.device(device)
     model, x, y = _lenet_batch(batch, device)
     plain = copy.deepcopy(model)
@@ -49,7 +47,7 @@ def bench_obd(
     if extra:
         fns["exact diag GGN"] = lambda: diag_ggn_exact(model, data, chunk=64)
         fns["hutchinson 10 probes"] = lambda: hessian_diag(model, data, "hutchinson", probes=10)
-    return _interleaved(fns, rounds, min_time)
+    return interleaved(fns, rounds, min_time)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

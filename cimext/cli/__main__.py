@@ -1,0 +1,5 @@
+"""``python -m cimext.cli``: the ``cimext`` command line."""
+
+from cimext.cli import main
+
+raise SystemExit(main())
