@@ -44,15 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     of the analysis or the data), 2 (bad command line) or 130 (Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if not argv:
-        parser.print_help(sys.stderr)
-        return 2
     a = None
     try:
         a = parser.parse_args(argv)
         if getattr(a, "run", None) is None:
-            parser.print_help(sys.stderr)
-            return 2
+            names = ", ".join(m.__name__.rpartition(".")[2].replace("_", "-") for m in SUBCOMMANDS)
+            raise CLIError(f"no command given: one of {names} (see cimext --help)")
         return a.run(a)
     except CLIError as e:
         print(f"cimext: error: {e}", file=sys.stderr)

@@ -82,11 +82,11 @@ def run(a: argparse.Namespace) -> int:
     """The ``cimext bench`` command."""
     check(a)
     suite = load_suite()
+    if a.case is not None and not suite.case_names(quick=a.quick, match=a.case):
+        raise C.CLIError(f"--case {a.case!r} matches no benchmark case (see cimext bench --list)")
     if a.list:
         print("\n".join(suite.case_names(quick=a.quick, match=a.case)))
         return 0
-    if a.case is not None and not suite.case_names(quick=a.quick, match=a.case):
-        raise C.CLIError(f"--case {a.case!r} matches no benchmark case (see cimext bench --list)")
     where = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}, {a.backend}")
     rows = suite.run(quick=a.quick, backend=a.backend, device=a.device, only=a.case)

@@ -74,8 +74,7 @@ def _list(name: str, text: str) -> list[str]:
 
 def _check_args(a):
     C.at_least(a, 1, "epochs", "batch_size", "seeds", "eval_batch", "test_samples", "resize")
-    if not a.width > 0:
-        raise C.CLIError(f"--width must be > 0, got {a.width}")
+    C.finite_positive(a, "width")
     if not (a.tol > 0 and math.isfinite(a.tol)):
         raise C.CLIError(f"--tol must be > 0 decades, got {a.tol}")
     if not (a.lr > 0 and math.isfinite(a.lr)):

@@ -89,8 +89,7 @@ def _check_args(a):
     C.finite_positive(a, "lr")
     if not 0.0 <= a.tolerance < 100.0:  # NaN fails too
         raise C.CLIError(f"--tolerance must be in [0, 100) accuracy points, got {a.tolerance}")
-    if not a.width > 0:
-        raise C.CLIError(f"--width must be > 0, got {a.width}")
+    C.finite_positive(a, "width")
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:

@@ -274,8 +274,6 @@ class Problem:
     def evaluate(self, us: list[torch.Tensor] | None) -> tuple[int, torch.Tensor]:
         """(number correct, per-sample margins O_t − max_{i≠t} O_i in data order) with
         δ_l = u_l·s_l (None: no δ). One forward pass over the data."""
-        from .lwc import margin
-
         if us is None:
             self.clear()
         else:
@@ -293,8 +291,6 @@ class Problem:
     ) -> tuple[int, torch.Tensor]:
         """(number correct, margins) of the samples where ``mask`` holds (data order), with
         δ_l = u_l·s_l; all the data when the inputs cannot be concatenated."""
-        from .lwc import margin
-
         xy = self._concat()
         if xy is None:
             n, m = self.evaluate(us)
@@ -557,6 +553,50 @@ def run_spec(prob: Problem, spec: BoundSpec, run_one) -> WorstCaseResult | list[
         results.append(res)
         prev = res
     return results
+
+
+def margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Signed classification margin O_t − max_{i≠t} O_i per sample (shape (N,)).
+
+    Positive: the true class t wins by that much; negative: another class wins; 0: a tie. The
+    runner-up is taken over the other classes only (the true logit is replaced by −inf, not by
+    0, so all-negative logits are handled). ``logits`` is (N, C) with C >= 2, ``targets`` (N,)
+    class indices. Differentiable (a tied runner-up shares the gradient).
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(
+            f"logits must be a (N, C) tensor, got shape {tuple(getattr(logits, 'shape', ()))}"
+        )
+    if logits.shape[1] < 2:
+        raise ValueError(f"logits need at least 2 classes for a margin, got {logits.shape[1]}")
+    if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"targets must be a ({logits.shape[0]},) tensor of class indices, got shape "
+            f"{tuple(getattr(targets, 'shape', ()))}"
+        )
+    t = targets.long().unsqueeze(1)
+    true = logits.gather(1, t).squeeze(1)
+    runner_up = logits.scatter(1, t, float("-inf")).amax(1)
+    return true - runner_up
+
+
+def margin_loss(logits: torch.Tensor, targets: torch.Tensor, kappa: float = 0.0) -> torch.Tensor:
+    """Per-sample LWC cost p = max(O_t − max_{i≠t} O_i + κ, 0) (eq. 8 oriented for the search).
+
+    p > 0 while a sample is still classified correctly (or another class wins by less than κ)
+    and 0 once it is misclassified by at least κ, so minimizing Σp misclassifies samples and
+    stops spending effort on those already lost. Shape (N,).
+    """
+    return torch.relu(margin(logits, targets) + kappa)
+
+
+@torch.no_grad()
+def _auto_kappa(prob: Problem) -> float:
+    """Half the median margin of the samples the unperturbed model classifies correctly."""
+    prob.clear()
+    ms = torch.cat([margin(prob.model(x).float(), y) for x, y in prob.batches])
+    pos = ms[ms > 0]
+    return 0.5 * float(pos.median()) if pos.numel() else 0.0
 
 
 def progress_bar(total: int, enabled: bool, desc: str):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _common as C
-from .lwc import margin, margin_loss
+from ._common import margin, margin_loss
 
 # Between full evaluations (every REFRESH epochs) an epoch evaluates only the samples whose last
 # known margin is above −WATCH·κ (see the module docstring).

@@ -45,8 +45,8 @@ from .._util import check_finite_weights, check_seed
 from ..nn import require_cim_layers
 from . import _common as C
 from . import _search as S
+from ._common import _auto_kappa
 from .flwc import search as flwc_search
-from .lwc import _auto_kappa
 from .lwc import search as lwc_search
 from .pgd import search as pgd_search
 from .results import WorstCaseResult

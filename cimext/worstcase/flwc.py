@@ -18,7 +18,7 @@ import torch
 from ..nn import require_cim_layers
 from ..ops._spec import check_nonnegative
 from . import _common as C
-from .lwc import _auto_kappa, margin_loss
+from ._common import _auto_kappa, margin_loss
 from .results import WorstCaseResult
 
 

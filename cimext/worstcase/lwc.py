@@ -74,51 +74,11 @@ import torch
 from ..nn import require_cim_layers
 from ..ops._spec import check_nonnegative
 from . import _common as C
+from . import _search as S
+from ._common import _auto_kappa, margin, margin_loss  # noqa: F401  (public here too)
+from .flwc import search as flwc_search
+from .pgd import search as pgd_search
 from .results import WorstCaseResult
-
-
-def margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Signed classification margin O_t − max_{i≠t} O_i per sample (shape (N,)).
-
-    Positive: the true class t wins by that much; negative: another class wins; 0: a tie. The
-    runner-up is taken over the other classes only (the true logit is replaced by −inf, not by
-    0, so all-negative logits are handled). ``logits`` is (N, C) with C >= 2, ``targets`` (N,)
-    class indices. Differentiable (a tied runner-up shares the gradient).
-    """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(
-            f"logits must be a (N, C) tensor, got shape {tuple(getattr(logits, 'shape', ()))}"
-        )
-    if logits.shape[1] < 2:
-        raise ValueError(f"logits need at least 2 classes for a margin, got {logits.shape[1]}")
-    if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:1]:
-        raise ValueError(
-            f"targets must be a ({logits.shape[0]},) tensor of class indices, got shape "
-            f"{tuple(getattr(targets, 'shape', ()))}"
-        )
-    t = targets.long().unsqueeze(1)
-    true = logits.gather(1, t).squeeze(1)
-    runner_up = logits.scatter(1, t, float("-inf")).amax(1)
-    return true - runner_up
-
-
-def margin_loss(logits: torch.Tensor, targets: torch.Tensor, kappa: float = 0.0) -> torch.Tensor:
-    """Per-sample LWC cost p = max(O_t − max_{i≠t} O_i + κ, 0) (eq. 8 oriented for the search).
-
-    p > 0 while a sample is still classified correctly (or another class wins by less than κ)
-    and 0 once it is misclassified by at least κ, so minimizing Σp misclassifies samples and
-    stops spending effort on those already lost. Shape (N,).
-    """
-    return torch.relu(margin(logits, targets) + kappa)
-
-
-@torch.no_grad()
-def _auto_kappa(prob: C.Problem) -> float:
-    """Half the median margin of the samples the unperturbed model classifies correctly."""
-    prob.clear()
-    ms = torch.cat([margin(prob.model(x).float(), y) for x, y in prob.batches])
-    pos = ms[ms > 0]
-    return 0.5 * float(pos.median()) if pos.numel() else 0.0
 
 
 def lwc(
@@ -246,10 +206,6 @@ def lwc(
 def bracket_candidates(prob: C.Problem, init, kappa: float, bar=None) -> dict:
     """F-LWC and weight PGD (seed 0) at their defaults, from ``init`` when given (a sweep): the
     candidates that bracket an LWC search, as _search.Found by name."""
-    from . import _search as S
-    from .flwc import search as flwc_search
-    from .pgd import search as pgd_search
-
     us_f, _, _ = flwc_search(prob, init, eta=None, steps=None, kappa=kappa, bar=bar)
     us_p, _, _ = pgd_search(prob, init, alpha=None, steps=10, random_start=True, seed=0, bar=bar)
     return {"flwc": S.evaluate(prob, us_f), "weight_pgd": S.evaluate(prob, us_p)}
@@ -279,8 +235,6 @@ def search(
 
     Returns (the lowest-accuracy clamped δ found as a _search.Found, settings, history: one entry
     per c value)."""
-    from . import _search as S
-
     lr = prob.largest / 3 if lr is None else lr
     start = S.evaluate(prob, prob.zeros() if init is None else prob.clamp(init))
     best = start
