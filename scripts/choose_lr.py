@@ -51,11 +51,13 @@ def main() -> None:
     for lr in lrs:
         best[lr] = sum(r["val_accuracy"] for r in rows if r["lr"] == lr) / len(batches)
     choice = max(best, key=best.get)
-    print(f"mean val accuracy over batch sizes: " + ", ".join(f"{k:g}: {100*v:.2f}%" for k, v in best.items()))
+    means = ", ".join(f"{k:g}: {100 * v:.2f}%" for k, v in best.items())
+    print(f"mean val accuracy over batch sizes: {means}")
     print(f"chosen lr for {a.dataset}: {choice:g}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(dataset=a.dataset, epochs=a.epochs, rows=rows, chosen=choice), f, indent=1)
+            record = dict(dataset=a.dataset, epochs=a.epochs, rows=rows, chosen=choice)
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -150,9 +150,7 @@ def files(tmp_path_factory, trained_run):
     base = tmp_path_factory.mktemp("bad")
 
     def idx(arr: np.ndarray) -> bytes:
-        head = bytes([0, 0, 8, arr.ndim]) + b"".join(
-            int(d).to_bytes(4, "big") for d in arr.shape
-        )
+        head = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
         return head + arr.astype(np.uint8).tobytes()
 
     imgs = np.zeros((20, 28, 28), np.uint8)
@@ -164,10 +162,10 @@ def files(tmp_path_factory, trained_run):
     ):
         d = base / name
         d.mkdir()
-        for part, (i_stem, l_stem) in {
-            "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-            "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-        }.items():
+        for i_stem, l_stem in (
+            ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+            ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+        ):
             (d / f"{i_stem}.gz").write_bytes(img)
             (d / f"{l_stem}.gz").write_bytes(lab)
     nan = base / "nan_run"
@@ -325,7 +323,10 @@ LISTED: list[tuple[str, list[str]]] = [
     ("write-verify --weight-bits 7", ["write-verify", "--weight-bits", "7"]),
     ("write-verify --sigma -1", ["write-verify", "--sigma", "-1"]),
     ("write-verify --init missing", ["write-verify", "--init", "{tmp}/none"]),
-    ("write-verify --init other model", ["write-verify", "--model", "convnet", "--init", "{run}/model.safetensors"]),
+    (
+        "write-verify --init other model",
+        ["write-verify", "--model", "convnet", "--init", "{run}/model.safetensors"],
+    ),
     ("write-verify vgg11 on digits", ["write-verify", "--model", "vgg11"]),
     ("bitflip --dtypes", ["bitflip", "--dtypes", "float64"]),
     ("bitflip --bits", ["bitflip", "--bits", "nonsense"]),
@@ -444,20 +445,26 @@ def test_failed_run_leaves_the_previous_folder(tmp_path, trained_run, files, mon
     from cimext.cli import montecarlo as mc_cli
 
     out = tmp_path / "mc"
-    assert main(["montecarlo", "--run", str(trained_run), "--n", "4", "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(["montecarlo", "--run", str(trained_run), "--n", "4", "--quiet", "--out", str(out)])
+        == 0
+    )
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(mc_cli, "histogram", boom)  # Ctrl-C while the figure is drawn
-    assert main(["montecarlo", "--run", str(trained_run), "--n", "8", "--quiet", "--out", str(out)]) == 130
+    assert (
+        main(["montecarlo", "--run", str(trained_run), "--n", "8", "--quiet", "--out", str(out)])
+        == 130
+    )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mc"]
 
 
 def test_ctrl_c_messages(tmp_path, trained_run, monkeypatch, capsys):
-    """"training resumes" only where the command trains; reproduce reports Ctrl-C as 130."""
+    """ "training resumes" only where the command trains; reproduce reports Ctrl-C as 130."""
     from cimext.cli import main
     from cimext.cli import montecarlo as mc_cli
     from cimext.cli import reproduce as rep_cli
@@ -505,7 +512,10 @@ def test_train_resume_after_ctrl_c(tmp_path, monkeypatch, capsys):
     assert main([*argv, "--out", str(out)]) == 0
     from safetensors.torch import load_file
 
-    a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "ref" / "model.safetensors")),
+        load_file(str(out / "model.safetensors")),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / ".run.partial").exists()
 
