@@ -4,12 +4,15 @@ to JSON, one atomic file write. Nothing here imports the command line."""
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 class _NoBar:
@@ -104,7 +107,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def check_seed(seed, name: str = "seed") -> int:
     """``seed`` as an int in [0, 2**64): a bool or a non-integer raises TypeError, one out of
     range ValueError (a seed is never wrapped around)."""
-    import numbers
 
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name} must be an int in [0, 2**64), got {seed!r}")
@@ -116,7 +118,6 @@ def check_seed(seed, name: str = "seed") -> int:
 def check_finite_weights(model, what: str) -> None:
     """Refuse a model whose parameters hold NaN or inf: raises ValueError naming the layer (an
     analysis or training of such a model gives meaningless numbers)."""
-    import torch
 
     for name, p in model.named_parameters():
         if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):

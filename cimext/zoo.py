@@ -16,9 +16,14 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import data, models
 from ._util import device_dict
+from .device import DeviceModel
+from .nn import cim_layers, convert
+from .train import accuracy, fit
 
 #: Training settings per dataset for the cached default models (the same as the README's
 #: `cimext train` commands; digits trains in seconds, fashion-mnist in about a minute per epoch).
@@ -54,9 +59,6 @@ def build(
     (the dataset's own folder when None); ``width`` scales the channels of the models that take
     it (not lenet); ``input_size`` overrides the image size (inputs resized before the model).
     A model that cannot take the data's images (e.g. VGG on 8x8 digits) raises ValueError."""
-    from . import data, models
-    from .device import DeviceModel
-    from .nn import convert
 
     if device_model is None:
         wbits = quant[0] if quant is not None and quant[0] else 8
@@ -92,7 +94,6 @@ def load_run(path: str | os.PathLike) -> tuple[nn.Module, dict]:
 
     Raises FileNotFoundError when the folder has no train.json / model.safetensors and
     ValueError when the weights do not fit the recorded model."""
-    from safetensors.torch import load_file
 
     p = Path(path)
     folder = p.parent if p.suffix == ".safetensors" else p
@@ -109,8 +110,6 @@ def load_run(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         raise ValueError(f"{record_file}: not a cimext train record ({e})") from None
     dev = record.get("device_model")
     if isinstance(dev, dict):
-        from .device import DeviceModel
-
         try:
             dev = DeviceModel(**dev)
         except (TypeError, ValueError) as e:
@@ -146,8 +145,6 @@ def trained(
     """A ``model`` trained (vanilla) on ``dataset`` with the recipe in :data:`RECIPES`, from the
     cache when it is there. Returns (the converted model in eval mode, its record: settings,
     accuracies, whether it came from the cache)."""
-    from . import data
-    from .train import accuracy, fit
 
     recipe = RECIPES.get(dataset, _DEFAULT_RECIPE)
     q = _quant(quant)
@@ -197,7 +194,6 @@ def trained(
 
 def cim_device(net: nn.Module):
     """The DeviceModel of a converted model's first CiM layer."""
-    from .nn import cim_layers
 
     return cim_layers(net)[0][1].device
 
@@ -206,7 +202,6 @@ def _save_atomic(net: nn.Module, record: dict, folder: Path) -> None:
     """Write model.safetensors + train.json into ``folder`` via a temporary sibling folder and a
     rename, so a reader never sees one without the other. A cache that cannot be written is
     skipped silently (the model is still returned)."""
-    from safetensors.torch import save_file
 
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)

@@ -575,3 +575,30 @@ def test_analyses_refuse_bad_seeds_and_nan_weights():
         worst_case(net, batch, budget="fast", progress=False)
     with pytest.raises(ValueError, match="conv1"):
         monte_carlo(net, batch, DeviceModel(), 2, progress=False)
+
+
+def test_bench_list_and_one_case(tmp_path, capsys):
+    """`cimext bench` is a thin entry point to bench/suite.py: --list, one quick case, JSON."""
+    from cimext.cli import main
+
+    assert main(["bench", "--list"]) == 0
+    names = capsys.readouterr().out.splitlines()
+    assert "hessian obd lenet b=256" in names and any(
+        n.startswith("sign_step_ lenet") for n in names
+    )
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--case", "sign_step_ lenet", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["provider"] for r in rows} == {"naive", "cimext"}
+    assert all(r["median_ms"] > 0 for r in rows)
+
+
+def test_demo_parses_its_worst_case_run_with_the_worst_case_parser():
+    import argparse
+
+    from cimext.cli import demo, worst_case
+
+    a = argparse.Namespace(th_g="0.01,0.03", mc_n=50, seed=3, out="o", quiet=True)
+    wc = demo.worst_case_args(a)
+    assert wc.run is worst_case.run and wc.method == "all" and wc.html and wc.mc_n == 50
+    assert (wc.th_g, wc.seed, wc.out, wc.quiet, wc.run_dir) == ("0.01,0.03", 3, "o", True, None)

@@ -15,8 +15,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
+
 from .. import data, models, zoo
-from .._util import umask, write_json, write_text
+from .._util import atomic_write, umask, write_json, write_text
+from ..device import DeviceModel
 
 __all__ = [
     "CLIError",
@@ -148,7 +151,6 @@ def add_output_options(p: argparse.ArgumentParser, default: str, what: str = "JS
 # ------------------------------------------------------------------------------ models
 def device_model(**kw):
     """A DeviceModel from options; bad values raise CLIError with the model's own message."""
-    from ..device import DeviceModel
 
     try:
         return DeviceModel(**kw)
@@ -158,7 +160,6 @@ def device_model(**kw):
 
 def device_model_verified(th_g: float, **kw):
     """DeviceModel.verified(th_g, ...); bad values raise CLIError with the model's message."""
-    from ..device import DeviceModel
 
     try:
         return DeviceModel.verified(th_g, **kw)
@@ -201,7 +202,6 @@ def load_init(model, path: str, what: str) -> None:
     """Load the --init weights ``path`` (a safetensors file) into ``model``; a missing file, a
     bad file or weights of another model raise CLIError naming the file (``what`` names the
     expected model)."""
-    from safetensors.torch import load_file
 
     if not Path(path).is_file():
         raise CLIError(f"--init {path}: no such file")
@@ -217,9 +217,6 @@ def load_init(model, path: str, what: str) -> None:
 
 def save_weights(model, path) -> None:
     """Write ``model``'s state dict to ``path`` (safetensors, atomically)."""
-    from safetensors.torch import save_file
-
-    from .._util import atomic_write
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, tmp))

@@ -16,6 +16,9 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
 from .. import data, distributed
 from .._util import progress as progress_bar
 from ..train import accuracy, fit
@@ -99,8 +102,6 @@ def _check(a) -> tuple[list[str], list[float], float, list[int]]:
 
 
 def _eval_loader(a):
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
 
     test = data.load(a.dataset, "test", root=a.root)
     x, y = test.tensors
@@ -189,7 +190,6 @@ def plot(record: dict, path: Path) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """The ``cimext compare`` command."""
-    import torch
 
     methods, th_gs, main, seeds = _check(a)
     lr = default_lr(a.dataset, a.lr)

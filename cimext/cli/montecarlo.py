@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import time
 
@@ -109,7 +110,6 @@ def run(a: argparse.Namespace) -> int:
 
 
 def _json(mc) -> dict:
-    import json
 
     return json.loads(mc.to_json())
 

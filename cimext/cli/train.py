@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import time
 
-from .. import distributed
+import torch
+
+from .. import data, distributed
 from ..train import DEFAULT_LR, METHODS, accuracy, fit
 from ..train.fit import METRICS
 from . import _common as C
@@ -105,9 +108,6 @@ def add_parser(sub) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """The ``cimext train`` command."""
-    import torch
-
-    from .. import data
 
     if a.method not in METHODS:
         raise C.CLIError(f"--method must be one of {', '.join(sorted(METHODS))}; got {a.method!r}")
@@ -130,8 +130,6 @@ def run(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with C.output_folder(a.out, resumable=True, keep="checkpoints") as out:
         if a.no_resume:
-            import shutil
-
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         res = fit(
             model,

@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed, ops
+from ..nn import cim_layers, sampling
+from ..worstcase import margin_loss
+from ..worstcase.results import used_weight
 from .fit import StepContext, register_method
 
 
@@ -65,7 +68,6 @@ def check_adv_settings(settings: dict) -> dict:
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:
-    from ..nn import cim_layers
 
     return [m for _, m in cim_layers(model)]
 
@@ -74,7 +76,6 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 def _full_scales(layers: list[nn.Module]) -> list[torch.Tensor]:
     """s_l = max|W_used,l| as 0-d tensors. The symmetric quantizer keeps max|W| (its scale is
     max|W| / levels), so only 1-bit weights (sign·mean|W|) need the quantized tensor."""
-    from ..worstcase.results import used_weight
 
     out = []
     for m in layers:
@@ -104,7 +105,6 @@ def sign_perturbation(
     over the ranks first, so that each rank gets the perturbation of the global batch (every rank
     must then call this together).
     """
-    from ..worstcase import margin_loss
 
     step_size = th_g if step_size is None else step_size
     if reduce is None:
@@ -175,7 +175,6 @@ def _adv_step(model, x, y, ctx):
 )
 def _atrice_step(model, x, y, ctx):
     """A-TRICE (Algorithm 3): (1 − α)·CE under RCG noise + α·CE under the sign-step worst case."""
-    from ..nn import sampling
 
     alpha = ctx.settings["alpha"]
     loss = None

@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from .. import distributed as dist_
 from .._util import check_finite_weights, check_seed
 from .._util import progress as _progress
+from ..device import DeviceModel
+from ..nn import cim_layers, clean, require_cim_layers, sampling
+from ..worstcase import flwc, monte_carlo
 from . import checkpoint as ckpt
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -77,7 +80,6 @@ def _vanilla_step(model, x, y, ctx):
 def _va_step(model, x, y, ctx):
     """Variation-aware training: a fresh device-noise instance (the layers' DeviceModel, or the
     ``device`` setting) on the weights of every forward; gradients reach the clean weights."""
-    from ..nn import sampling
 
     kw = {"device": ctx.settings["device"]} if ctx.settings.get("device") is not None else {}
     with sampling(model, noise="device", generator=ctx.generator, **kw):
@@ -87,7 +89,6 @@ def _va_step(model, x, y, ctx):
 @register_method("trice", needs_cim=True)
 def _trice_step(model, x, y, ctx):
     """TRICE: right-censored Gaussian noise s·σ_t·min(ε, th) (eq. 11) on every forward."""
-    from ..nn import sampling
 
     with sampling(
         model,
@@ -203,7 +204,6 @@ def _metric_fn(
     if metric == "clean":
 
         def clean_accuracy(model, data):
-            from ..nn import cim_layers, clean
 
             if cim_layers(model):
                 with clean(model):
@@ -212,8 +212,6 @@ def _metric_fn(
 
         return "clean", opts, clean_accuracy
     if metric == "mc":
-        from ..device import DeviceModel
-
         n = opts["n"]
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"metric_options n must be an int >= 1, got {n!r}")
@@ -229,8 +227,6 @@ def _metric_fn(
             )
 
         def mc_quantile(model, data):
-            from ..nn import require_cim_layers
-            from ..worstcase import monte_carlo
 
             layers = require_cim_layers(model, "metric 'mc'")
             device = opts["device"] if opts["device"] is not None else layers[0][1].device
@@ -244,7 +240,6 @@ def _metric_fn(
     _check_positive("metric_options th_g", opts["th_g"])
 
     def flwc_accuracy(model, data):
-        from ..worstcase import flwc
 
         kw = {k: opts[k] for k in ("eta", "steps") if opts[k] is not None}
         return flwc(model, data, opts["th_g"], progress=False, **kw).accuracy
@@ -350,8 +345,6 @@ def fit(
     if getattr(step_fn, "check", None) is not None:
         method_settings = step_fn.check(method_settings)
     if getattr(step_fn, "needs_cim", False):
-        from ..nn import cim_layers
-
         if not cim_layers(model):
             raise TypeError(
                 f"method {method!r} injects device noise and needs a converted model: "

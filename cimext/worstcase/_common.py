@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import ops
 from .._util import check_finite_weights, progress
-from ..nn import require_cim_layers
-from .results import WorstCaseResult
+from ..nn import clean, perturbation, require_cim_layers
+from .results import WorstCaseResult, used_weight
 
 # A clean accuracy at or below 1/num_classes + this is "at chance": nothing meaningful to attack.
 CHANCE_MARGIN = 0.05
@@ -219,7 +220,6 @@ class Problem:
 
     def sign_step_(self, us: list[torch.Tensor], grads, eta: float) -> None:
         """u_l ← clamp(u_l − eta·sign(g_l), ±b_l) for every layer: one fused op call."""
-        from .. import ops
 
         ops.sign_step_(us, list(grads), eta, self.bounds)
 
@@ -408,8 +408,6 @@ def analysis(model, data, what: str) -> Iterator[Problem]:
     train/eval mode come back, also when the search raises. The bounds are set by the caller
     (Problem.set_bounds) or by :func:`run_spec`.
     """
-    from ..nn import clean, perturbation
-    from .results import used_weight
 
     named = require_cim_layers(model, what)
     check_finite_weights(model, what)

@@ -27,6 +27,7 @@ from .. import distributed
 from .._util import check_finite_weights, check_seed, device_dict
 from .._util import progress as _progress
 from ..device import DeviceModel
+from ..nn import cim_layers, clean, instance, require_cim_layers, unfold
 from ..reference import splitmix64
 
 
@@ -109,7 +110,6 @@ class MonteCarloResult:
 @contextlib.contextmanager
 def _population(model: nn.Module, device: DeviceModel) -> Iterator[None]:
     """Every CiM layer uses ``device`` inside the block; the layers' own models come back after."""
-    from ..nn import cim_layers
 
     layers = [m for _, m in cim_layers(model)]
     saved = [m.device for m in layers]
@@ -148,7 +148,6 @@ def _shard(n: int, rank: int, world: int) -> range:
 
 
 def _tune_key(model: nn.Module, batches: list, fused: bool) -> tuple:
-    from ..nn import cim_layers
 
     x = batches[0][0]
     layers = tuple((n, tuple(m.weight.shape)) for n, m in cim_layers(model))
@@ -214,7 +213,6 @@ def monte_carlo(
     call it with the same arguments; each rank computes a contiguous block of the instances and
     every rank gets the full result. Returns a MonteCarloResult.
     """
-    from ..nn import cim_layers, clean, instance, require_cim_layers, unfold
 
     require_cim_layers(model, "monte_carlo")
     seed = check_seed(seed)

@@ -39,6 +39,14 @@ import torch
 from torch import nn
 
 from .._util import check_finite_weights, check_seed
+from ..device import DeviceModel
+from ..nn import clean, perturbation, require_cim_layers
+from . import _common as C
+from .auto import BUDGETS, worst_case
+from .flwc import flwc
+from .lwc import lwc
+from .monte_carlo import monte_carlo
+from .pgd import weight_pgd
 from .results import WorstCaseResult
 
 METHODS = ("mc", "pgd", "flwc", "lwc", "auto")
@@ -223,14 +231,6 @@ def analyze(
     flwc is among the methods (None or () skips it). ``log``: a callable given one line per
     finished step (e.g. print). Returns a :class:`Report`.
     """
-    from ..device import DeviceModel
-    from ..nn import require_cim_layers
-    from . import _common as C
-    from .auto import BUDGETS, worst_case
-    from .flwc import flwc
-    from .lwc import lwc
-    from .monte_carlo import monte_carlo
-    from .pgd import weight_pgd
 
     methods = check_methods(methods)
     named = require_cim_layers(model, "analyze")
@@ -322,7 +322,6 @@ def analyze(
 def _model_stats(rep: Report, model: nn.Module, batches, res: WorstCaseResult) -> None:
     """Confusion matrix and confidences of the model under ``res``'s δ, and per-layer δ
     statistics (Fig. 4, 5, 6, Table III)."""
-    from ..nn import clean, perturbation
 
     dev = next(model.parameters()).device
     deltas = {n: d.to(dev) for n, d in res.deltas.items()}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 # Relative slack of the bound check: δ is stored in weight units (u·s with |u| <= th_g), and the
@@ -242,7 +243,6 @@ class WorstCaseResult:
         """Write ``path``/deltas.safetensors (δ per layer), ``path``/result.json (the rest) and,
         for per-weight bounds, ``path``/bounds.safetensors; ``path`` is a directory, created if
         needed. Returns it."""
-        from safetensors.torch import save_file
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
@@ -268,7 +268,6 @@ class WorstCaseResult:
     @classmethod
     def load(cls, path: str | os.PathLike) -> WorstCaseResult:
         """Read a result written by :meth:`save` (``path`` is its directory)."""
-        from safetensors.torch import load_file
 
         src = Path(path)
         meta_file, delta_file = src / _JSON_FILE, src / _DELTAS_FILE
