@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .._util import check_seed
 from .inject import inject
 
 
@@ -43,7 +44,7 @@ def _seeds(seeds: int | Sequence[int]) -> list[int]:
         if seeds < 1:
             raise ValueError(f"seeds must be >= 1 (or a list of seeds), got {seeds}")
         return list(range(seeds))
-    out = [int(s) for s in seeds]
+    out = [check_seed(s, "seeds[i]") for s in seeds]
     if not out:
         raise ValueError("seeds must hold at least one seed")
     return out

@@ -41,6 +41,17 @@ __all__ = [
 
 #: The marker a cimext output folder holds: only such a folder (or an empty one) is replaced.
 MARKER = ".cimext-run"
+#: The record files of the commands: a folder holding one was written by an earlier cimext
+#: (before the marker existed) and may be replaced too.
+RESULT_FILES = (
+    "train.json",
+    "report.json",
+    "montecarlo.json",
+    "compare.json",
+    "write_verify.json",
+    "bitflip.json",
+    "results.json",
+)
 
 
 class CLIError(Exception):
@@ -252,7 +263,8 @@ def check_out(out: str) -> Path:
         if resolved == cwd or resolved in cwd.parents:
             raise CLIError(f"--out {out}: is the current folder or above it; name a new folder")
         try:
-            if not (p / MARKER).is_file() and any(p.iterdir()):
+            earlier = (p / MARKER).is_file() or any((p / f).is_file() for f in RESULT_FILES)
+            if not earlier and any(p.iterdir()):
                 raise CLIError(
                     f"--out {out}: holds files of something other than a cimext run (no "
                     f"{MARKER}); name a new or empty folder"

@@ -62,7 +62,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--seed", type=C.seed, default=0, help="training seed")
     C.add_output_options(p, "runs/bitflip", "JSON, PNG, the trained model")
-    p.set_defaults(run=run, trains=True)
+    p.set_defaults(run=run, trains=False)
 
 
 def _list(name: str, text: str) -> list[str]:

@@ -6,7 +6,8 @@ range. Written into --out: ``compare.json`` (every run, every figure, the settin
 on the terminal, and ``compare.png``, the worst-case accuracy against th_g (the paper's Fig. 8).
 Two tables: methods x {clean, worst case at the main th_g} (Table V) and th_g x methods (the
 layout of Table VI, with the write-verify bound th_g in place of the device variation). With
-several --seeds every figure is a mean ± std over the seeds, as in the paper.
+several --seeds every figure is a mean ± std over the seeds, as in the paper. An interrupted
+compare resumes its training from the last finished epoch when the same command runs again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .. import data, distributed
+from .._util import device_dict
 from .._util import progress as progress_bar
 from ..train import accuracy, fit
 from ..train.fit import METHODS
@@ -204,7 +206,8 @@ def run(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     runs = []
     total = len(methods) * len(seeds) * len(th_gs)
-    with C.output_folder(a.out) as out:
+    # Resumable: an interrupted compare keeps its checkpoints, and the same command resumes.
+    with C.output_folder(a.out, resumable=True) as out:
         bar = None
         if progress:
             bar = progress_bar(total=total, desc="compare (LWC evaluations)", leave=True)
@@ -222,7 +225,7 @@ def run(a: argparse.Namespace) -> int:
             lr=lr,
             eval_samples=eval_n,
             lwc=dict(steps=a.lwc_steps, search_steps=a.search_steps),
-            device_model=dict(weight_bits=wbits, bits_per_device=a.bits_per_device, sigma=a.sigma),
+            device_model=device_dict(dev),
             runs=runs,
             seconds=time.perf_counter() - t0,
             torch=torch.__version__,

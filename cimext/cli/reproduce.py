@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {','.join(PARTS)}")
     p.add_argument("--quick", action="store_true", help="small settings (a pipeline check)")
     C.add_output_options(p, "runs/reproduce", "one folder per study, results.md, results.json")
-    p.set_defaults(run=run, trains=True)
+    p.set_defaults(run=run, trains=False)
 
 
 def _commands(a, out: Path) -> dict[str, list[str]]:

@@ -12,6 +12,7 @@ import time
 import torch
 
 from .. import data, distributed
+from .._util import device_dict
 from ..train import DEFAULT_LR, METHODS, accuracy, fit
 from ..train.fit import METRICS
 from . import _common as C
@@ -159,7 +160,7 @@ def run(a: argparse.Namespace) -> int:
             width=a.width,
             method=a.method,
             quant=quant,
-            device_model=dict(weight_bits=wbits, bits_per_device=a.bits_per_device, sigma=a.sigma),
+            device_model=device_dict(dev),
             lr=lr,
             test_accuracy=test_acc,
             best_epoch=res.best_epoch,

@@ -64,7 +64,7 @@ def add_parser(sub) -> None:
     p.add_argument("--calib", type=int, default=1024, help="training samples for the Hessian")
     p.add_argument("--seed", type=C.seed, default=0)
     C.add_output_options(p, "runs/write-verify", "JSON, PNG, the trained model")
-    p.set_defaults(run=run, trains=True)
+    p.set_defaults(run=run, trains=False)
 
 
 def _floats(name: str, text: str) -> list[float]:

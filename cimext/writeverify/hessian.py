@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .._util import check_seed
 from ..nn import clean, require_cim_layers
 from ..nn.layers import CiMLinear
 from ..nn.quant import quantize_ste
@@ -317,6 +318,7 @@ def _hutchinson(model: nn.Module, data: Iterable, probes: int, seed: int) -> tup
     layers = require_cim_layers(model, "hessian_diag")
     weights = [m.weight for _, m in layers]
     acc = [torch.zeros_like(w) for w in weights]
+    # manual_seed takes [-2**63, 2**64); the seed was checked to be in [0, 2**64).
     gen = torch.Generator().manual_seed(int(seed))
     samples = 0
     with _analysis_mode(model, weights_grad=True):
@@ -363,7 +365,7 @@ def hessian_diag(
     if method == "obd":
         out, n = _obd(model, data)
     else:
-        out, n = _hutchinson(model, data, int(probes), seed)
+        out, n = _hutchinson(model, data, int(probes), check_seed(seed))
     if n == 0:
         raise ValueError("hessian_diag: the data yielded no samples")
     return {k: v / n for k, v in out.items()}

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .._util import check_seed
 from ..device import DeviceModel
 from ..nn import require_cim_layers
 from .hessian import effective_weight, hessian_diag
@@ -101,7 +102,7 @@ def sensitivity(
         mags = {n: effective_weight(m).abs().double().cpu() for n, m in layers}
         return {n: v[..., None] * place for n, v in mags.items()} if per_device else mags
     if method == "random":
-        gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+        gen = torch.Generator().manual_seed(check_seed(seed) & 0x7FFFFFFFFFFFFFFF)
         extra = (device.devices,) if per_device else ()
         return {
             n: torch.rand((*m.weight.shape, *extra), generator=gen, dtype=torch.float64)
