@@ -401,10 +401,8 @@ def test_bench_backend_triton_without_triton(monkeypatch, capsys):
 
 SUBPROCESS_CASES = [
     ["bench", "--device", "tpu"],
-    ["train", "--seed", "-1"],
     ["train", "--model", "vgg11", "--out", "{tmp}/o"],
-    ["montecarlo", "--n", "0"],
-    ["frobnicate"],
+    ["montecarlo", "--seed", str(2**64 + 5)],
 ]
 
 
@@ -602,3 +600,19 @@ def test_demo_parses_its_worst_case_run_with_the_worst_case_parser():
     wc = demo.worst_case_args(a)
     assert wc.run is worst_case.run and wc.method == "all" and wc.html and wc.mc_n == 50
     assert (wc.th_g, wc.seed, wc.out, wc.quiet, wc.run_dir) == ("0.01,0.03", 3, "o", True, None)
+
+
+def test_an_internal_error_is_one_line_unless_debugging(monkeypatch, capsys, tmp_path):
+    from cimext.cli import main
+    from cimext.cli import montecarlo as mc_cli
+
+    def bug(*a, **k):
+        raise AttributeError("'Namespace' object has no attribute 'x'")
+
+    monkeypatch.setattr(mc_cli, "check", bug)
+    assert main(["montecarlo", "--out", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "internal error: AttributeError" in err[0]
+    monkeypatch.setenv("CIMEXT_DEBUG", "1")
+    with pytest.raises(AttributeError):
+        main(["montecarlo", "--out", str(tmp_path / "m")])

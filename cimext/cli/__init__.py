@@ -8,6 +8,7 @@ results go to --out, which holds exactly one run (written beside it and swapped 
 
 from __future__ import annotations
 
+import os
 import sys
 
 from . import bench, bitflip, compare, demo, montecarlo, reproduce, train, worst_case, write_verify
@@ -56,6 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
         print(f"cimext: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: one line, the traceback on request
+        if os.environ.get("CIMEXT_DEBUG"):
+            raise
+        print(
+            f"cimext: internal error: {type(e).__name__}: {one_line(e)} (set CIMEXT_DEBUG=1 "
+            "for the traceback, and please report it)",
+            file=sys.stderr,
+        )
         return 1
     except Interrupted as e:
         print(f"cimext: interrupted ({e})", file=sys.stderr)

@@ -39,7 +39,7 @@ def worst_case_args(a: argparse.Namespace) -> argparse.Namespace:
     argv = ["--method", "all", "--th-g", a.th_g, "--mc-n", str(a.mc_n), "--seed", str(a.seed)]
     argv += ["--html", "--out", a.out] + (["--quiet"] if a.quiet else [])
     parser = C.Parser(prog="cimext")
-    worst_case.add_parser(parser.add_subparsers())
+    worst_case.add_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(["worst-case", *argv])
 
 

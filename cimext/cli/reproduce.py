@@ -207,7 +207,7 @@ def tables(out: Path) -> tuple[str, dict]:
 def run_study(part: str, argv: list[str]) -> int:
     """Run one study's subcommand with ``argv`` (its options), parsed by its own parser."""
     parser = C.Parser(prog="cimext")
-    MODULES[part].add_parser(parser.add_subparsers())
+    MODULES[part].add_parser(parser.add_subparsers(dest="command"))
     a = parser.parse_args(argv)
     return a.run(a)
 
