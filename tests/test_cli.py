@@ -279,6 +279,9 @@ LISTED: list[tuple[str, list[str]]] = [
     ("train --init missing", ["train", "--init", "{tmp}/none.safetensors"]),
     ("train --init not safetensors", ["train", "--init", "{bad}/plain.txt"]),
     ("train --width 0", ["train", "--model", "convnet", "--width", "0"]),
+    ("train --init NaN weights", ["train", "--init", "{bad}/nan_run/model.safetensors"]),
+    ("write-verify --init NaN weights", ["write-verify", "--init", "{bad}/nan_run/model.safetensors"]),
+    ("bitflip --init NaN weights", ["bitflip", "--init", "{bad}/nan_run/model.safetensors"]),
     ("train resume truncated checkpoint", ["train", "--epochs", "1", "--out", "{resume}"]),
     ("train resume with another --model", ["train", "--model", "convnet", "--out", "{run}"]),
     ("worst-case --run missing", ["worst-case", "--run", "{tmp}/none"]),
@@ -379,7 +382,7 @@ def test_bad_command_line(label, args, tmp_path, files, trained_run, capsys, mon
     lines = err.strip().splitlines()
     assert code != 0, f"{label}: exit 0"
     assert len(lines) == 1 and "Traceback" not in err, f"{label}: stderr was {err!r}"
-    assert lines[0].startswith("cimext"), lines[0]
+    assert lines[0].startswith("cimext: error: "), lines[0]  # a clear error, not an internal one
     assert (trained_run / "train.json").read_text() == before  # a failed run changes no run
     assert not (tmp_path / "out").exists(), f"{label}: left an --out folder"
 

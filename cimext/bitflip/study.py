@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .._util import check_seed
+from .._util import check_finite_weights, check_seed
 from .inject import inject
 
 
@@ -90,6 +90,7 @@ def sweep(
     each); clean accuracy is p = 0 in the same storage dtype. ``progress``: a callable called
     once per evaluation (a progress bar's update)."""
     t0 = time.perf_counter()
+    check_finite_weights(model, "bitflip sweep")
     seeds = _seeds(seeds)
     kw = dict(dtype=dtype, bits=bits, targets=targets)
     with inject(model, 0.0, **kw):
@@ -134,6 +135,7 @@ def midpoint(
         raise ValueError(f"midpoint: need 0 < lo < hi <= 1, got lo={lo}, hi={hi}")
     if not tol > 0:
         raise ValueError(f"midpoint: tol must be > 0 decades, got {tol}")
+    check_finite_weights(model, "midpoint")
     seeds = _seeds(seeds)
     kw = dict(dtype=dtype, bits=bits, targets=targets)
     with inject(model, 0.0, **kw):

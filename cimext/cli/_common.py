@@ -18,7 +18,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from .. import data, models, zoo
-from .._util import atomic_write, umask, write_json, write_text
+from .._util import atomic_write, check_finite_weights, umask, write_json, write_text
 from ..device import DeviceModel
 
 __all__ = [
@@ -224,6 +224,10 @@ def load_init(model, path: str, what: str) -> None:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CLIError(f"--init {path}: not weights of {what} ({one_line(e)})") from None
+    try:
+        check_finite_weights(model, "the weights")
+    except ValueError as e:
+        raise CLIError(f"--init {path}: {e}") from None
 
 
 def save_weights(model, path) -> None:
