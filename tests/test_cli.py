@@ -280,7 +280,10 @@ LISTED: list[tuple[str, list[str]]] = [
     ("train --init not safetensors", ["train", "--init", "{bad}/plain.txt"]),
     ("train --width 0", ["train", "--model", "convnet", "--width", "0"]),
     ("train --init NaN weights", ["train", "--init", "{bad}/nan_run/model.safetensors"]),
-    ("write-verify --init NaN weights", ["write-verify", "--init", "{bad}/nan_run/model.safetensors"]),
+    (
+        "write-verify --init NaN weights",
+        ["write-verify", "--init", "{bad}/nan_run/model.safetensors"],
+    ),
     ("bitflip --init NaN weights", ["bitflip", "--init", "{bad}/nan_run/model.safetensors"]),
     ("train resume truncated checkpoint", ["train", "--epochs", "1", "--out", "{resume}"]),
     ("train resume with another --model", ["train", "--model", "convnet", "--out", "{run}"]),

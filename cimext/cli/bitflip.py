@@ -20,9 +20,8 @@ from .._util import progress as progress_bar
 from ..bitflip.inject import STORAGE_DTYPES
 from ..bitflip.study import evaluate, midpoint, midpoint_steps, sweep
 from ..ops.bitflip import bit_mask
-from ..train import fit
 from . import _common as C
-from .write_verify import train_record
+from .write_verify import train_model
 
 DEFAULT_PS = "1e-9,1e-8,1e-7,1e-6,1e-5,1e-4,1e-3,1e-2,1e-1"
 
@@ -142,18 +141,8 @@ def run(a: argparse.Namespace) -> int:
         if a.init is None:
             train = data.loader(a.dataset, "train", a.batch_size, root=a.root, seed=a.seed)
             val = data.loader(a.dataset, "val", 1024, root=a.root)
-            res = fit(
-                model,
-                train,
-                val,
-                "vanilla",
-                epochs=a.epochs,
-                lr=a.lr,
-                seed=a.seed,
-                progress=not a.quiet,
-            )
             width = a.width if a.model != "lenet" else None
-            trained = train_record(a, net, res, test, width, out, run_model=model)
+            trained = train_model(a, net, train, val, test, width, out, run_model=model)
         try:
             return _study(a, model, test, ps, pairs, skipped, resize, out, t0)
         except KeyboardInterrupt:

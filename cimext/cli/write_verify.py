@@ -120,17 +120,7 @@ def run(a: argparse.Namespace) -> int:
     with C.output_folder(a.out) as out:
         trained = None
         if a.init is None:
-            res = fit(
-                model,
-                train,
-                val,
-                "vanilla",
-                epochs=a.epochs,
-                lr=a.lr,
-                seed=a.seed,
-                progress=not a.quiet,
-            )
-            trained = train_record(a, model, res, test, width, out)
+            trained = train_model(a, model, train, val, test, width, out)
         try:
             return _sweep(a, model, device, test, methods, fractions, out, t0)
         except KeyboardInterrupt:
@@ -139,10 +129,22 @@ def run(a: argparse.Namespace) -> int:
             raise C.Interrupted(trained) from None
 
 
-def train_record(a, model, res, test, width, out: Path, *, run_model=None) -> str:
-    """Save the model trained by write-verify / bitflip with its record (model.json), so that
-    Ctrl-C in the analysis after training keeps both; returns what Ctrl-C then says.
-    ``run_model`` (default ``model``) is what runs on ``test`` (e.g. with a resize in front)."""
+def train_model(a, model, train, val, test, width, out: Path, *, run_model=None) -> str:
+    """Train ``model`` (vanilla, --epochs, --lr, --seed) for write-verify / bitflip and save it
+    with its record (model.json), so that Ctrl-C in the analysis after training keeps both;
+    returns what Ctrl-C then says. ``run_model`` (default ``model``) is what runs on the data
+    (e.g. with a resize in front)."""
+    run_model = run_model if run_model is not None else model
+    res = fit(
+        run_model,
+        train,
+        val,
+        "vanilla",
+        epochs=a.epochs,
+        lr=a.lr,
+        seed=a.seed,
+        progress=not a.quiet,
+    )
     C.save_weights(model, out / "model.safetensors")
     C.write_json(
         out / "model.json",
@@ -155,7 +157,7 @@ def train_record(a, model, res, test, width, out: Path, *, run_model=None) -> st
             epochs=a.epochs,
             lr=a.lr,
             seed=a.seed,
-            test_accuracy=accuracy(run_model if run_model is not None else model, test),
+            test_accuracy=accuracy(run_model, test),
             val_accuracy=res.best_value,
             best_epoch=res.best_epoch,
             history=res.history,
