@@ -375,8 +375,13 @@ class CiMConv2d(_CiMMixin, nn.Conv2d):
             S, c_out = weights.shape[0], weights.shape[1]
             bias = None if self.bias is None else self.bias.repeat(S)
             y = F.conv2d(
-                x, weights.reshape(S * c_out, *weights.shape[2:]), bias, self.stride, p,
-                self.dilation, 1,
+                x,
+                weights.reshape(S * c_out, *weights.shape[2:]),
+                bias,
+                self.stride,
+                p,
+                self.dilation,
+                1,
             )
             return y.reshape(y.shape[0], S, c_out, *y.shape[2:]).transpose(0, 1)
         outs = [self._conv(x if xs is None else xs[s], w, p) for s, w in enumerate(weights)]
