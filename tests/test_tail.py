@@ -80,14 +80,17 @@ def test_tilted_instance_equals_shifted_weight_instance(device):
     theta, seed = 2.5, 1234
     shifts = {
         L.name: (theta * (L.coef * d).sum(1)).float().reshape(L.module.weight.shape)
-        for L, d in zip(layers, dirs)
+        for L, d in zip(layers, dirs, strict=True)
     }
     with torch.no_grad(), T._population(net, device):
         with cimext.perturbation(net, shifts), cimext.instance(net, seed=seed):
             fused = net(x)
-        eps = [e.double() + theta * d for e, d in zip(T.instance_eps(layers, seed), dirs)]
-        with cimext.clean(net), cimext.perturbation(
-            net, T.tilted_noise_reference(layers, eps, device)
+        eps = [
+            e.double() + theta * d for e, d in zip(T.instance_eps(layers, seed), dirs, strict=True)
+        ]
+        with (
+            cimext.clean(net),
+            cimext.perturbation(net, T.tilted_noise_reference(layers, eps, device)),
         ):
             seam = net(x)
     torch.testing.assert_close(fused, seam, rtol=1e-4, atol=1e-4)

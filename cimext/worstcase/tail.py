@@ -619,45 +619,60 @@ def _subset(model, batches, device, threshold, n, seed, progress, p0, rho):
         S = torch.tensor([s for _, s in res], dtype=torch.float64)
         logp, delta2, levels, moves = 0.0, 0.0, [], 0
         s_move = math.sqrt(1 - rho * rho)
+        prev: list[list[float]] | None = None  # the chains that drew the current samples
         for _level in range(64):
             order = torch.argsort(S)
             b = float(S[order[nc - 1]])
             if b <= 0 or len(levels) >= 40:
                 break
-            pj = nc / n
+            # Rejected moves repeat states, so several samples can share the level's score:
+            # every sample at or below it counts (and seeds a chain).
+            below = int((S <= b).sum())
+            pj = below / n
             logp += math.log(pj)
-            chains = order[:nc]
-            steps = [n // nc + (1 if c < n % nc else 0) for c in range(nc)]
+            # Au & Beck: the level's binomial variance, inflated by the correlation of the
+            # indicators {score <= b} along the chains that drew these samples.
+            delta2 += (1 - pj) / (n * pj) * (1 + (_chain_gamma(prev, b) if prev else 0.0))
+            chains = order[:below]
+            steps = [n // below + (1 if c < n % below else 0) for c in range(below)]
             newX, newS, ind = [], [], []
             accepted = tried = 0
-            r = math.sqrt(max(0.0, 1 - s_move * s_move))
+            group_acc = group_try = 0
+            group = max(1, below // 10)
             for c, start in enumerate(chains.tolist()):
                 x, sx = X[start], float(S[start])
                 row_x, row_s = [x], [sx]
+                r = math.sqrt(max(0.0, 1 - s_move * s_move))
                 for _ in range(steps[c] - 1):
                     xi = draw(ref.splitmix64(move_key ^ ref.splitmix64(moves)))
                     moves += 1
                     cand = r * x + s_move * xi
                     _, sc = score(cand)
                     tried += 1
+                    group_try += 1
                     if sc <= b:
                         x, sx = cand, sc
                         accepted += 1
+                        group_acc += 1
                     row_x.append(x)
                     row_s.append(sx)
                 newX += row_x
                 newS += row_s
                 ind.append(row_s)
+                if (c + 1) % group == 0 and group_try:
+                    # Adaptive conditional sampling (Papaioannou et al. 2015): between chains,
+                    # move the step towards 44% acceptance; each chain keeps one step, so
+                    # every chain is still a N(0, I)-reversible chain restricted to the level.
+                    s_move *= math.exp((group_acc / group_try - 0.44) / math.sqrt(c // group + 1))
+                    s_move = min(0.99, max(0.02, s_move))
+                    group_acc = group_try = 0
             X = torch.stack(newX)
             S = torch.tensor(newS, dtype=torch.float64)
-            rate = accepted / max(1, tried)
-            levels.append(dict(level=b, p=pj, acceptance=rate, rho=r))
-            delta2 += (1 - pj) / (n * pj) * (1 + (_chain_gamma(ind, b) if len(levels) > 1 else 0))
-            # Adapt the step towards ~44% acceptance for the next level (between levels only).
-            s_move = min(1.0, max(0.05, s_move * math.exp(rate - 0.44)))
+            levels.append(dict(level=b, p=pj, acceptance=accepted / max(1, tried), step=s_move))
+            prev = ind
         fails = int((S <= 0).sum())
         pm = fails / n
-        gamma = _chain_gamma(ind, 0.0) if levels else 0.0
+        gamma = _chain_gamma(prev, 0.0) if prev else 0.0
     if bar is not None:
         bar.close()
     p = math.exp(logp) * pm
