@@ -57,14 +57,15 @@ TORCH_LIBRARY(cimext, m) {
   // Check-only ops (csrc/common/check_ops.cpp): the argument checks of the op of the same name
   // without the op, raising exactly what the op raises. The Triton launchers and the reference
   // backend call them first, so every backend validates in one place. The noise ones return the
-  // full scale used (the given scale, or max|weight|).
-  m.def("_check_noise(Tensor weight, " CIMEXT_NOISE_ARGS ") -> float");
-  m.def("_check_noise_out(Tensor weight, " CIMEXT_NOISE_ARGS ", Tensor out) -> float");
+  // full scale used (the given scale, or max|weight|) as a 0-dim float64 tensor on the CPU (a
+  // tensor, not a float, so that a traced graph takes it as data), so it is computed once.
+  m.def("_check_noise(Tensor weight, " CIMEXT_NOISE_ARGS ") -> Tensor");
+  m.def("_check_noise_out(Tensor weight, " CIMEXT_NOISE_ARGS ", Tensor out) -> Tensor");
   m.def("_check_perturbed_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? delta, "
-        "bool x_stacked, " CIMEXT_NOISE_ARGS ") -> float");
+        "bool x_stacked, " CIMEXT_NOISE_ARGS ") -> Tensor");
   m.def("_check_perturbed_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? delta, "
         "int[2] stride, int[2] padding, int[2] dilation, int groups, bool x_stacked, "
-        CIMEXT_NOISE_ARGS ") -> float");
+        CIMEXT_NOISE_ARGS ") -> Tensor");
   m.def("_check_sign_step_(Tensor[] deltas, Tensor[] grads, float eta, float[] bounds, "
         "Tensor?[]? bound_tensors=None) -> ()");
   m.def("_check_bitflip(Tensor t, float p01, float p10, int mask, int seed, int layer_id, "

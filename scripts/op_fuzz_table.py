@@ -27,6 +27,29 @@ from hypothesis import strategies as st  # noqa: E402
 COLUMNS = ("clear", "unclear", "silent", "crash", "partial write")
 
 
+def make_campaign(op, backends, n, seed_, counts, examples):
+    """A hypothesis test of ``n`` bad calls of ``op`` that records its outcomes."""
+    corruptions = [c for c in op_fuzz.CORRUPTIONS if op in c.ops]
+
+    @seed(seed_)
+    @settings(
+        max_examples=n,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(c=st.sampled_from(corruptions), case_seed=st.integers(0, 2**32 - 1))
+    def campaign(c, case_seed):
+        result, outcomes = op_fuzz.check_case(op, c, case_seed, backends)
+        for b, r in result.items():
+            counts[(op, b)][r] += 1
+            counts[(op, b)]["tried"] += 1
+            if r != "clear":
+                examples.setdefault(r, (op, b, c.name, case_seed, outcomes[b]))
+
+    return campaign
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--per-backend", type=int, default=600, help="bad calls per backend")
@@ -40,26 +63,7 @@ def main() -> int:
     per_op = -(-args.per_backend // len(op_fuzz.OPS))
     t0 = time.perf_counter()
     for op in op_fuzz.OPS:
-        corruptions = [c for c in op_fuzz.CORRUPTIONS if op in c.ops]
-
-        @seed(args.seed)
-        @settings(
-            max_examples=per_op,
-            deadline=None,
-            database=None,
-            derandomize=False,
-            suppress_health_check=list(HealthCheck),
-        )
-        @given(c=st.sampled_from(corruptions), case_seed=st.integers(0, 2**32 - 1))
-        def campaign(c, case_seed, op=op):
-            result, outcomes = op_fuzz.check_case(op, c, case_seed, backends)
-            for b, r in result.items():
-                counts[(op, b)][r] += 1
-                counts[(op, b)]["tried"] += 1
-                if r != "clear":
-                    examples.setdefault(r, (op, b, c.name, case_seed, outcomes[b]))
-
-        campaign()
+        make_campaign(op, backends, per_op, args.seed, counts, examples)()
     elapsed = time.perf_counter() - t0
     head = f"{'op':<18}{'backend':<9}{'tried':>7}" + "".join(f"{c:>15}" for c in COLUMNS)
     print(head)

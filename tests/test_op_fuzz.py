@@ -54,3 +54,22 @@ def test_valid_calls_pass_on_every_backend():
             for backend in BACKENDS:
                 a = op_fuzz.base_call(op, random.Random(seed))
                 _registry.schema_op(op, backend)(*_registry.bind(op, **a))
+
+
+def test_classifier_sees_silent_calls_and_partial_writes(monkeypatch):
+    """The suite can fail: a valid call is "silent", and a backend that writes before it raises
+    is a "partial write"."""
+    from cimext.ops import _registry
+
+    valid = op_fuzz.Corruption("none", ("sign_step_",), ("deltas",), lambda r, a: None)
+    result, _ = op_fuzz.check_case("sign_step_", valid, 1, ["cpp", "ref"])
+    assert set(result.values()) == {"silent"}
+
+    def writes_then_raises(deltas, grads, eta, bounds, bound_tensors=None):
+        deltas[0].add_(1.0)
+        raise ValueError("sign_step_: deltas[1] is bad")
+
+    monkeypatch.setitem(_registry._ref_impls, "sign_step_", writes_then_raises)
+    bad = op_fuzz.Corruption("none", ("sign_step_",), ("deltas",), lambda r, a: None)
+    result, outcomes = op_fuzz.check_case("sign_step_", bad, 1, ["ref"])
+    assert result == {"ref": "partial write"}, outcomes

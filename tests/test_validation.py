@@ -192,3 +192,37 @@ def test_inference_tensors_are_refused_alike():
     for b in BACKENDS:
         with cimext.backend(b), torch.inference_mode():
             ops.sign_step_([d], [torch.ones(3)], 0.1, 1.0)
+
+
+def test_check_ops_pass_opcheck():
+    """The check-only ops are ops too: opcheck-clean (the scale they return is data, not a
+    constant baked into a traced graph)."""
+    from cimext.ops import _registry
+
+    x, w = torch.randn(3, 5), torch.randn(4, 5)
+    noise = dict(
+        seeds=torch.tensor([1, 2]),
+        layer_id=0,
+        kind=2,
+        scale=None,
+        weight_bits=8,
+        bits_per_device=2,
+        sigma=0.1,
+        level_sigma=[],
+        verified_sigma=0.01,
+        th=0.06,
+        verify=False,
+        verify_mask=None,
+    )
+    lin = _registry.bind(
+        "perturbed_linear", x=x, weight=w, bias=None, delta=None, x_stacked=False, **noise
+    )
+    assert float(torch.ops.cimext._check_perturbed_linear(*lin)) == float(w.abs().max())
+    cases = [
+        ("_check_perturbed_linear", lin),
+        ("_check_noise", _registry.bind("noise", weight=w, **noise)),
+        ("_check_sign_step_", ([torch.zeros(3)], [torch.ones(3)], 0.1, [1.0])),
+        ("_check_bitflip", (torch.randn(4), 0.1, 0.1, 255, 1, 0, False, True)),
+    ]
+    for name, args in cases:
+        torch.library.opcheck(getattr(torch.ops.cimext, name).default, args)

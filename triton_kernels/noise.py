@@ -430,7 +430,7 @@ def _noise_into(
 def noise(*args, **kwargs) -> torch.Tensor:
     """cimext::noise (schema in csrc/cimext.cpp): ΔW for every seed, shape (S, *weight.shape),
     dtype of weight. Checked first by cimext::_check_noise, the checks of the C++ kernels."""
-    scale = torch.ops.cimext._check_noise(*args, **kwargs)
+    scale = float(torch.ops.cimext._check_noise(*args, **kwargs))
     a = named("noise", args, kwargs)
     return _noise_into(a["weight"], NoiseArgs.of(a), scale, None)
 
@@ -438,6 +438,6 @@ def noise(*args, **kwargs) -> torch.Tensor:
 def noise_out(*args, **kwargs) -> None:
     """cimext::noise_out: ΔW for every seed written into ``out``, which cimext::_check_noise_out
     checks (with everything else) before anything is written."""
-    scale = torch.ops.cimext._check_noise_out(*args, **kwargs)
+    scale = float(torch.ops.cimext._check_noise_out(*args, **kwargs))
     a = named("noise_out", args, kwargs)
     _noise_into(a["weight"], NoiseArgs.of(a), scale, a["out"])

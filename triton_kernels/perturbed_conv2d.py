@@ -23,7 +23,7 @@ def perturbed_conv2d(*args, **kwargs) -> torch.Tensor:
     """cimext::perturbed_conv2d (schema in csrc/cimext.cpp): the stack over seeds of
     conv2d(x_s, W + δ + ΔW(s), b, ...), shape (S, N, C_out, H, W). Checked first by
     cimext::_check_perturbed_conv2d, the checks of the C++ kernels."""
-    scale = torch.ops.cimext._check_perturbed_conv2d(*args, **kwargs)
+    scale = float(torch.ops.cimext._check_perturbed_conv2d(*args, **kwargs))
     a = named("perturbed_conv2d", args, kwargs)
     x, weight, bias, delta, x_stacked = (
         a[k] for k in ("x", "weight", "bias", "delta", "x_stacked")

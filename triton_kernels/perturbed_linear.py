@@ -576,7 +576,7 @@ def perturbed_linear(*args, **kwargs) -> torch.Tensor:
     """cimext::perturbed_linear (schema in csrc/cimext.cpp): the stack over seeds of
     linear(x_s, W + δ + ΔW(s), b), shape (S, ..., out). Checked first by
     cimext::_check_perturbed_linear, the checks of the C++ kernels."""
-    scale = torch.ops.cimext._check_perturbed_linear(*args, **kwargs)
+    scale = float(torch.ops.cimext._check_perturbed_linear(*args, **kwargs))
     a = named("perturbed_linear", args, kwargs)
     x, weight, bias, delta, x_stacked = (
         a[k] for k in ("x", "weight", "bias", "delta", "x_stacked")

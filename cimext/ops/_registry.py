@@ -217,10 +217,11 @@ def input_grads(name: str, /, **grads) -> tuple:
 
 def check(name: str, args: tuple, kwargs: dict | None = None):
     """Run cimext::_check_``name`` (csrc/common/checks.cpp, the one validation of every backend)
-    on a call of op ``name``; returns what it returns (the full scale for the noise ops)."""
+    on a call of op ``name``; returns the full scale (a float) for the noise ops, else None."""
     if not HAS_CPP:
         return None  # only the reference backend runs; reference.py's own checks apply
-    return getattr(torch.ops.cimext, f"_check_{name}")(*args, **(kwargs or {}))
+    out = getattr(torch.ops.cimext, f"_check_{name}")(*args, **(kwargs or {}))
+    return None if out is None else float(out)
 
 
 def check_in_fake(name: str, args: tuple, kwargs: dict | None = None) -> None:

@@ -198,19 +198,6 @@ def check_tensor(name: str, t, *, like: torch.Tensor | None = None) -> None:
         raise ValueError(f"{name} is on {t.device} but weight is on {like.device}")
 
 
-def check_verify_mask(mask, weight: torch.Tensor):
-    if mask is None:
-        return None
-    check_tensor("verify_mask", mask, like=weight)
-    if mask.dtype not in (torch.bool, torch.uint8):
-        raise TypeError(f"verify_mask must be bool or uint8, got {mask.dtype}")
-    if mask.shape != weight.shape:
-        raise ValueError(
-            f"verify_mask shape {tuple(mask.shape)} must equal weight shape {tuple(weight.shape)}"
-        )
-    return mask
-
-
 def seeds_as_uint(seeds: Sequence[int] | torch.Tensor) -> list[int]:
     """int64 bit patterns (a list or the schema's tensor) back to seeds in [0, 2**64)."""
     if isinstance(seeds, torch.Tensor):
