@@ -254,6 +254,7 @@ class CiMLinear(_CiMMixin, nn.Linear):
         quant: QuantConfig | tuple | None = None,
         layer_id: int = 0,
     ) -> None:
+        _spec.check_bool("bias", bias)
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_cim(device_model, quant, layer_id)
 
@@ -316,6 +317,7 @@ class CiMConv2d(_CiMMixin, nn.Conv2d):
         quant: QuantConfig | tuple | None = None,
         layer_id: int = 0,
     ) -> None:
+        _spec.check_bool("bias", bias)
         super().__init__(
             in_channels,
             out_channels,
