@@ -35,7 +35,8 @@ def _extension():
     # multiply-adds); no -march=native: SIMD paths pick AVX2 at run time.
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-ffp-contract=off", "-fopenmp"]
-    sources = ["csrc/cimext.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/cimext.cpp"] + sorted(glob.glob("csrc/common/*.cpp"))
+    sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     if _want_cuda():
         print("cimext: building the CUDA kernels")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))

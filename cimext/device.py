@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 
@@ -46,6 +47,15 @@ class DeviceModel:
             object.__setattr__(self, "verified_sigma", self.sigma / 10)
         _check_nonneg("verified_sigma", self.verified_sigma)
         if self.level_sigma is not None:
+            if isinstance(self.level_sigma, (str, bytes)) or not hasattr(
+                self.level_sigma, "__iter__"
+            ):
+                raise TypeError(
+                    f"DeviceModel: level_sigma must be a sequence of numbers, got "
+                    f"{self.level_sigma!r}"
+                )
+            for v in self.level_sigma:
+                _check_nonneg("level_sigma", v)
             ls = tuple(float(v) for v in self.level_sigma)
             if len(ls) != 2**self.bits_per_device:
                 raise ValueError(
@@ -55,7 +65,12 @@ class DeviceModel:
             for v in ls:
                 _check_nonneg("level_sigma", v)
             object.__setattr__(self, "level_sigma", ls)
-        object.__setattr__(self, "verify", bool(self.verify))
+        # Only a bool: bool("no") is True, so a string (or any other truthy value) taken as a
+        # flag would silently verify every device.
+        if not isinstance(self.verify, bool):
+            raise TypeError(
+                f"DeviceModel: verify must be a bool (True or False), got {self.verify!r}"
+            )
 
     @property
     def devices(self) -> int:
@@ -124,7 +139,7 @@ class DeviceModel:
 
 
 def _check_nonneg(name: str, v: float) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"DeviceModel: {name} must be a number, got {v!r}")
     if math.isnan(v) or v < 0 or math.isinf(v):
         raise ValueError(f"DeviceModel: {name} must be finite and >= 0, got {v}")

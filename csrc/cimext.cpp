@@ -35,6 +35,41 @@ TORCH_LIBRARY(cimext, m) {
   // bounds[i] otherwise. One step of F-LWC / weight PGD over all layers' perturbations.
   m.def("sign_step_(Tensor(a!)[] deltas, Tensor[] grads, float eta, float[] bounds, "
         "Tensor?[]? bound_tensors=None) -> ()");
+  // A copy of t with bits of its raw representation flipped, and the number of flips (int64,
+  // 0-dim): every bit in `mask` independently, 0 -> 1 with probability p01 and 1 -> 0 with p10.
+  // seed is a 64-bit seed as an int64 bit pattern; stream stream_seed(seed, layer_id).
+  m.def("bitflip(Tensor t, float p01, float p10, int mask, int seed, int layer_id, "
+        "bool zero_nonfinite) -> (Tensor, Tensor)");
+  // The same in place; returns the number of flips.
+  m.def("bitflip_(Tensor(a!) t, float p01, float p10, int mask, int seed, int layer_id, "
+        "bool zero_nonfinite) -> Tensor");
+  // Σ over leading dims of s_out[..., o] · x[..., i]²: shape (out, in).
+  m.def("hdiag_linear(Tensor x, Tensor s_out) -> Tensor");
+  // Σ over batch and output positions of s_out ⊗ unfold(x)²: shape (O, C/groups, kh, kw).
+  m.def("hdiag_conv2d(Tensor x, Tensor s_out, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> Tensor");
+  // s_out (..., out) times W² (out, in): shape (..., in).
+  m.def("curv_backward_linear(Tensor s_out, Tensor weight) -> Tensor");
+  // The transposed convolution of s_out (N, O, OH, OW) with W²: shape (N, C, H, W) for
+  // input_size = (H, W).
+  m.def("curv_backward_conv2d(Tensor s_out, Tensor weight, int[2] input_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  // Check-only ops (csrc/common/check_ops.cpp): the argument checks of the op of the same name
+  // without the op, raising exactly what the op raises. The Triton launchers and the reference
+  // backend call them first, so every backend validates in one place. The noise ones return the
+  // full scale used (the given scale, or max|weight|) as a 0-dim float64 tensor on the CPU (a
+  // tensor, not a float, so that a traced graph takes it as data), so it is computed once.
+  m.def("_check_noise(Tensor weight, " CIMEXT_NOISE_ARGS ") -> Tensor");
+  m.def("_check_noise_out(Tensor weight, " CIMEXT_NOISE_ARGS ", Tensor out) -> Tensor");
+  m.def("_check_perturbed_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? delta, "
+        "bool x_stacked, " CIMEXT_NOISE_ARGS ") -> Tensor");
+  m.def("_check_perturbed_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? delta, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, bool x_stacked, "
+        CIMEXT_NOISE_ARGS ") -> Tensor");
+  m.def("_check_sign_step_(Tensor[] deltas, Tensor[] grads, float eta, float[] bounds, "
+        "Tensor?[]? bound_tensors=None) -> ()");
+  m.def("_check_bitflip(Tensor t, float p01, float p10, int mask, int seed, int layer_id, "
+        "bool zero_nonfinite, bool in_place) -> ()");
   // Raw Philox streams (debugging, tests): values j0 .. j0 + n - 1 of stream `stream` (a Philox
   // key as an int64 bit pattern), float32 normals (randn4x order) or uniforms (rand4x order).
   m.def("_philox_normals(int stream, int j0, int n) -> Tensor");

@@ -158,7 +158,13 @@ def test_noise_quantization_ties():
     # and the per-level std tells which level was picked.
     spec = spec_of(dict(weight_bits=2, bits_per_device=1, level_sigma=(0.25, 4.0)))
     w = torch.tensor([0.0, 0.5, 1.5, 2.5, 3.0, -1.5, -2.5, -0.5, 1.0, 7.0])
-    out = noise(w.to(DEV), seed_t([11]), 0, *noise_args(2, 3.0, spec), torch.zeros(10).to(DEV))
+    out = noise(
+        w.to(DEV),
+        seed_t([11]),
+        0,
+        *noise_args(2, 3.0, spec),
+        torch.zeros(10, dtype=torch.bool).to(DEV),
+    )
     ref = R.noise(w, 11, 0, mode=2, scale=3.0, verify_mask=torch.zeros(10), **spec)
     assert (out[0].cpu() - ref).abs().max().item() <= 1e-6
 
@@ -183,7 +189,13 @@ def test_noise_rejects_bad_spec():
     with pytest.raises(ValueError, match="level_sigma"):
         noise(w, seed_t([1]), 0, *noise_args(2, 1.0, spec_of(dict(level_sigma=(1.0,)))), None)
     with pytest.raises(ValueError, match="verify_mask"):
-        noise(w, seed_t([1]), 0, *noise_args(2, 1.0, spec_of({})), torch.ones(5, device=DEV))
+        noise(
+            w,
+            seed_t([1]),
+            0,
+            *noise_args(2, 1.0, spec_of({})),
+            torch.ones(5, dtype=torch.bool, device=DEV),
+        )
     with pytest.raises(TypeError, match="weight"):
         noise(w.int(), seed_t([1]), 0, *noise_args(2, 1.0, spec_of({})), None)
 

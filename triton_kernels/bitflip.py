@@ -93,12 +93,15 @@ def bitflip_(
     layer_id: int,
     zero_nonfinite: bool,
 ) -> torch.Tensor:
-    """Flip bits of ``t`` in place (schema of cimext::bitflip_); returns the number of flips."""
+    """Flip bits of ``t`` in place (schema of cimext::bitflip_); returns the number of flips.
+    Checked first by cimext::_check_bitflip, the checks of the C++ kernels."""
+    torch.ops.cimext._check_bitflip(t, p01, p10, mask, seed, layer_id, zero_nonfinite, True)
+    return _bitflip_into(t, p01, p10, mask, seed, layer_id, zero_nonfinite)
+
+
+def _bitflip_into(t, p01, p10, mask, seed, layer_id, zero_nonfinite) -> torch.Tensor:
     from cimext import reference as ref
 
-    ref.check_bitflip(t, p01, p10, mask)
-    if layer_id < 0:
-        raise ValueError(f"bitflip: layer_id must be >= 0, got {layer_id}")
     width, view_dtype, _, exponent, _ = ref.BITFLIP_FORMATS[t.dtype]
     positions = [b for b in range(width) if (mask >> b) & 1]
     pmax, m, n = max(p01, p10), len(positions), t.numel()
@@ -145,8 +148,6 @@ def bitflip(
     zero_nonfinite: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A flipped copy of ``t`` and the number of flips (schema of cimext::bitflip)."""
-    from cimext import reference as ref
-
-    ref.check_bitflip(t, p01, p10, mask)
+    torch.ops.cimext._check_bitflip(t, p01, p10, mask, seed, layer_id, zero_nonfinite, False)
     out = t.clone(memory_format=torch.contiguous_format)
-    return out, bitflip_(out, p01, p10, mask, seed, layer_id, zero_nonfinite)
+    return out, _bitflip_into(out, p01, p10, mask, seed, layer_id, zero_nonfinite)

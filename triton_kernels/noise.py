@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from cimext.ops._registry import named
+from cimext.ops._spec import NoiseArgs
+
 from .philox import as_key, normal_at, normals_row4, stream_tensor
 
 KIND_NONE, KIND_GAUSSIAN, KIND_DEVICE, KIND_RCG = 0, 1, 2, 3
@@ -75,38 +78,14 @@ class NoiseParams:
         return torch.tensor(self.dev_std, dtype=torch.float32, device=device)
 
 
-def make_noise_params(
-    mode: int,
-    scale: float,
-    weight_bits: int,
-    bits_per_device: int,
-    sigma: float,
-    level_sigma: Sequence[float],
-    verified_sigma: float,
-    th: float,
-    verify: bool,
-    has_mask: bool,
-) -> NoiseParams:
-    """Validate a noise spec and compute its constants as reference.py / noise.h do."""
-    if mode not in (KIND_NONE, KIND_GAUSSIAN, KIND_DEVICE, KIND_RCG):
-        raise ValueError(f"mode must be 0 (none), 1 (gaussian), 2 (device) or 3 (rcg), got {mode}")
-    if not 1 <= bits_per_device <= 8:
-        raise ValueError(f"bits_per_device must be in [1, 8], got {bits_per_device}")
-    if not 1 <= weight_bits <= 24:
-        raise ValueError(f"weight_bits must be in [1, 24], got {weight_bits}")
-    if weight_bits % bits_per_device:
-        raise ValueError(
-            f"bits_per_device ({bits_per_device}) must divide weight_bits ({weight_bits})"
-        )
-    level_sigma = tuple(float(v) for v in level_sigma)
+def make_noise_params(noise: NoiseArgs, scale: float) -> NoiseParams:
+    """The constants of a noise spec (checked by cimext::_check_<op>) with full scale ``scale``,
+    computed as reference.py / noise.h do."""
+    mode, weight_bits, bits_per_device = noise.kind, noise.weight_bits, noise.bits_per_device
+    sigma, verified_sigma, th, verify = noise.sigma, noise.verified_sigma, noise.th, noise.verify
+    level_sigma = tuple(float(v) for v in noise.level_sigma)
+    has_mask = noise.verify_mask is not None
     n_levels = 1 << bits_per_device
-    if level_sigma and len(level_sigma) != n_levels:
-        raise ValueError(
-            f"level_sigma needs 2**bits_per_device = {n_levels} entries, got {len(level_sigma)}"
-        )
-    for name, v in (("scale", scale), ("sigma", sigma), ("verified_sigma", verified_sigma)):
-        if math.isnan(v):
-            raise ValueError(f"{name} must not be NaN")
     levels = (1 << weight_bits) - 1
     devices = weight_bits // bits_per_device
     # The kernels' KIND 1 is "one Gaussian per weight with std std_or_coef": mode 1 (std s·σ) and
@@ -151,23 +130,8 @@ def make_noise_params(
 
 
 def seed_list(seeds: torch.Tensor) -> list[int]:
-    """The int64 seed bit patterns of the schema's ``seeds`` tensor, checked as the C++ ops do."""
-    if not isinstance(seeds, torch.Tensor):
-        raise TypeError(f"seeds must be a tensor, got {type(seeds).__name__}")
-    if seeds.dtype != torch.int64:
-        raise TypeError(f"seeds must be an int64 tensor, got {seeds.dtype}")
-    if seeds.dim() != 1:
-        raise ValueError(f"seeds must be 1-D (S,), got shape {tuple(seeds.shape)}")
-    if seeds.numel() == 0:
-        raise ValueError("seeds must hold at least one seed")
+    """The int64 seed bit patterns of the schema's (checked) ``seeds`` tensor."""
     return seeds.tolist()
-
-
-def resolve_scale(weight: torch.Tensor, scale: float | None) -> float:
-    """The full scale: ``scale``, or max|weight| as float32 when None (the schema's default)."""
-    from cimext.reference import full_scale
-
-    return full_scale(weight) if scale is None else float(scale)
 
 
 def stream_seeds(seeds: Sequence[int], layer_id: int) -> list[int]:
@@ -178,16 +142,12 @@ def stream_seeds(seeds: Sequence[int], layer_id: int) -> list[int]:
 
 
 def prepare_verify_mask(verify_mask, weight: torch.Tensor):
-    """The verify mask as a contiguous uint8 tensor (1 = write-verified), or None."""
+    """The (checked: weight's shape and device) verify mask as a contiguous uint8 tensor
+    (1 = write-verified), or None."""
     if verify_mask is None:
         return None
-    if verify_mask.numel() != weight.numel():
-        raise ValueError(
-            f"verify_mask must have one entry per weight ({tuple(weight.shape)}), "
-            f"got shape {tuple(verify_mask.shape)}"
-        )
     # Any nonzero entry counts as verified, like reference's .to(torch.bool).
-    return verify_mask.to(weight.device).reshape(weight.shape).ne(0).to(torch.uint8).contiguous()
+    return verify_mask.ne(0).to(torch.uint8).contiguous()
 
 
 @triton.jit
@@ -430,43 +390,15 @@ def _noise_kernel(
     tl.store(out_ptr + s.to(tl.int64) * n + i, out.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
-    """Reject weights the kernels cannot read."""
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(weight).__name__}")
-    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"{name} must be a floating tensor, got {weight.dtype}")
-
-
-def check_noise_out(weight: torch.Tensor, n_seeds: int, out) -> None:
-    """``out`` of cimext::noise_out: (S, *weight.shape), weight's dtype and device, no overlap."""
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a Tensor, got {type(out).__name__}")
-    if out.device != weight.device:
-        raise ValueError(f"out is on {out.device} but weight is on {weight.device}")
-    if out.dtype != weight.dtype:
-        raise TypeError(f"out dtype {out.dtype} must match weight dtype {weight.dtype}")
-    if tuple(out.shape) != (n_seeds, *weight.shape):
-        raise ValueError(
-            f"out must have shape {(n_seeds, *weight.shape)} (seeds, *weight.shape), "
-            f"got {tuple(out.shape)}"
-        )
-    if torch._C._overlaps(out, weight):
-        raise ValueError("out must not overlap weight")
-
-
 def _noise_into(
-    weight, seeds, layer_id, noise_args, verify_mask, out: torch.Tensor | None
+    weight: torch.Tensor, noise: NoiseArgs, scale: float, out: torch.Tensor | None
 ) -> torch.Tensor:
-    check_weight(weight)
-    seeds = seed_list(seeds)
-    mode, scale, *rest = noise_args
-    params = make_noise_params(mode, resolve_scale(weight, scale), *rest, verify_mask is not None)
-    mask = prepare_verify_mask(verify_mask, weight)  # validated even where unused
+    """ΔW of the (checked) arguments into ``out`` (a new tensor when None)."""
+    seeds = seed_list(noise.seeds)
+    params = make_noise_params(noise, scale)
+    mask = prepare_verify_mask(noise.verify_mask, weight)
     if out is None:
         out = torch.empty((len(seeds), *weight.shape), dtype=weight.dtype, device=weight.device)
-    else:
-        check_noise_out(weight, len(seeds), out)
     # A strided out (a slice of a larger buffer) is written through one contiguous copy.
     dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     n = weight.numel()
@@ -474,7 +406,7 @@ def _noise_into(
         dst.zero_()
     else:
         w = weight.detach().contiguous()
-        streams = stream_tensor(stream_seeds(seeds, layer_id), weight.device)
+        streams = stream_tensor(stream_seeds(seeds, noise.layer_id), weight.device)
         dev_std = params.dev_std_tensor(weight.device)
         # Grid axis 1 (the seed) is limited to 65535 on CUDA: launch seeds in chunks.
         for c0 in range(0, len(seeds), MAX_GRID_YZ):
@@ -495,44 +427,17 @@ def _noise_into(
     return out
 
 
-def noise(
-    weight: torch.Tensor,
-    seeds: torch.Tensor,
-    layer_id: int,
-    mode: int,
-    scale: float | None,
-    weight_bits: int,
-    bits_per_device: int,
-    sigma: float,
-    level_sigma: Sequence[float],
-    verified_sigma: float,
-    th: float,
-    verify: bool,
-    verify_mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """ΔW for every seed, shape (S, *weight.shape), dtype of weight (schema of cimext::noise)."""
-    noise_args = (mode, scale, weight_bits, bits_per_device, sigma, level_sigma)
-    noise_args += (verified_sigma, th, verify)
-    return _noise_into(weight, seeds, layer_id, noise_args, verify_mask, None)
+def noise(*args, **kwargs) -> torch.Tensor:
+    """cimext::noise (schema in csrc/cimext.cpp): ΔW for every seed, shape (S, *weight.shape),
+    dtype of weight. Checked first by cimext::_check_noise, the checks of the C++ kernels."""
+    scale = float(torch.ops.cimext._check_noise(*args, **kwargs))
+    a = named("noise", args, kwargs)
+    return _noise_into(a["weight"], NoiseArgs.of(a), scale, None)
 
 
-def noise_out(
-    weight: torch.Tensor,
-    seeds: torch.Tensor,
-    layer_id: int,
-    mode: int,
-    scale: float | None,
-    weight_bits: int,
-    bits_per_device: int,
-    sigma: float,
-    level_sigma: Sequence[float],
-    verified_sigma: float,
-    th: float,
-    verify: bool,
-    verify_mask: torch.Tensor | None,
-    out: torch.Tensor,
-) -> None:
-    """cimext::noise_out: ΔW for every seed written into ``out`` (checked before writing)."""
-    noise_args = (mode, scale, weight_bits, bits_per_device, sigma, level_sigma)
-    noise_args += (verified_sigma, th, verify)
-    _noise_into(weight, seeds, layer_id, noise_args, verify_mask, out)
+def noise_out(*args, **kwargs) -> None:
+    """cimext::noise_out: ΔW for every seed written into ``out``, which cimext::_check_noise_out
+    checks (with everything else) before anything is written."""
+    scale = float(torch.ops.cimext._check_noise_out(*args, **kwargs))
+    a = named("noise_out", args, kwargs)
+    _noise_into(a["weight"], NoiseArgs.of(a), scale, a["out"])

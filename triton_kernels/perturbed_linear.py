@@ -23,24 +23,24 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from cimext.ops._registry import named
+from cimext.ops._spec import NoiseArgs
+
 from .noise import (
     KIND_GAUSSIAN,
     KIND_NONE,
     KIND_RCG,
-    check_weight,
+    _noise_into,
     make_noise_params,
-    noise,
     noise_tile,
     noise_tile_rows,
     prepare_verify_mask,
-    resolve_scale,
     seed_list,
     stream_seeds,
 )
@@ -565,84 +565,32 @@ def kernel_dtype(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.bfloat16 and weight.is_cuda and not _interpreted()
 
 
-def check_operands(x, weight, bias, delta, x_stacked, n_seeds, verify_mask) -> None:
-    """Clear errors for dtype / device / shape mismatches, naming the argument."""
-    check_weight(weight)
-    for name, t in (("x", x), ("bias", bias), ("delta", delta), ("verify_mask", verify_mask)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-        if name != "verify_mask" and t.device != weight.device:
-            raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
-        if name != "verify_mask" and t.dtype != weight.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but weight has {weight.dtype}")
-    if delta is not None and delta.shape != weight.shape:
-        raise ValueError(
-            f"delta must have the weight's shape {tuple(weight.shape)}, got {tuple(delta.shape)}"
-        )
-    if x_stacked and (x.dim() < 1 or x.shape[0] != n_seeds):
-        raise ValueError(
-            f"x_stacked: x must have a leading dimension of S = {n_seeds}, "
-            f"got shape {tuple(x.shape)}"
-        )
-
-
-def perturbed_weight_fallback(weight, delta, seeds, layer_id, noise_args, verify_mask):
+def perturbed_weight_fallback(weight, delta, noise: NoiseArgs, scale: float) -> torch.Tensor:
     """W + δ + ΔW_s materialized for every seed (float64 / bfloat16 path), shape (S, *W.shape)."""
-    dw = noise(weight, seeds, layer_id, *noise_args, verify_mask)
+    dw = _noise_into(weight, noise, scale, None)
     base = weight if delta is None else weight + delta
     return base.unsqueeze(0) + dw
 
 
-def perturbed_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    delta: torch.Tensor | None,
-    x_stacked: bool,
-    seeds: torch.Tensor,
-    layer_id: int,
-    mode: int,
-    scale: float | None,
-    weight_bits: int,
-    bits_per_device: int,
-    sigma: float,
-    level_sigma: Sequence[float],
-    verified_sigma: float,
-    th: float,
-    verify: bool,
-    verify_mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """Stack over seeds of linear(x_s, W + δ + ΔW(s), b): shape (S, ..., out) (cimext schema)."""
-    seed_tensor, seeds = seeds, seed_list(seeds)
-    check_operands(x, weight, bias, delta, x_stacked, len(seeds), verify_mask)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
-    n_out, k = weight.shape
-    if x.dim() < (2 if x_stacked else 1) or x.shape[-1] != k:
-        raise ValueError(f"x must end in in_features = {k}, got shape {tuple(x.shape)}")
-    if bias is not None and bias.shape != (n_out,):
-        raise ValueError(f"bias must have shape ({n_out},), got {tuple(bias.shape)}")
-    noise_args = (
-        mode,
-        resolve_scale(weight, scale),
-        weight_bits,
-        bits_per_device,
-        sigma,
-        level_sigma,
-        verified_sigma,
-        th,
-        verify,
+def perturbed_linear(*args, **kwargs) -> torch.Tensor:
+    """cimext::perturbed_linear (schema in csrc/cimext.cpp): the stack over seeds of
+    linear(x_s, W + δ + ΔW(s), b), shape (S, ..., out). Checked first by
+    cimext::_check_perturbed_linear, the checks of the C++ kernels."""
+    scale = float(torch.ops.cimext._check_perturbed_linear(*args, **kwargs))
+    a = named("perturbed_linear", args, kwargs)
+    x, weight, bias, delta, x_stacked = (
+        a[k] for k in ("x", "weight", "bias", "delta", "x_stacked")
     )
-    params = make_noise_params(*noise_args, verify_mask is not None)
+    noise = NoiseArgs.of(a)
+    seeds = seed_list(noise.seeds)
+    n_out, k = weight.shape
+    params = make_noise_params(noise, scale)
     lead = x.shape[1:-1] if x_stacked else x.shape[:-1]
 
-    if not kernel_dtype(weight):
-        # float64 (gradcheck), interpreted bfloat16: materialize each weight and call torch.
-        ws = perturbed_weight_fallback(
-            weight, delta, seed_tensor, layer_id, noise_args, verify_mask
-        )
+    if not kernel_dtype(weight) or k == 0:
+        # float64 (gradcheck), interpreted bfloat16, no input features: materialize each weight
+        # and call torch.
+        ws = perturbed_weight_fallback(weight, delta, noise, scale)
         return torch.stack(
             [F.linear(x[i] if x_stacked else x, w, bias) for i, w in enumerate(ws)]
         ).reshape(len(seeds), *lead, n_out)
@@ -651,7 +599,7 @@ def perturbed_linear(
     w2 = weight.contiguous()
     d2 = None if delta is None else delta.contiguous()
     b = None if bias is None else bias.contiguous()
-    mask = prepare_verify_mask(verify_mask, weight)  # read only by device noise
-    streams = stream_tensor(stream_seeds(seeds, layer_id), weight.device)
+    mask = prepare_verify_mask(noise.verify_mask, weight)  # read only by device noise
+    streams = stream_tensor(stream_seeds(seeds, noise.layer_id), weight.device)
     out = launch_perturbed_mm(x3, w2, b, d2, mask, x_stacked, streams, params, groups=1)
     return out.reshape(len(seeds), *lead, n_out)

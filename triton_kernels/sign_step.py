@@ -56,10 +56,9 @@ def sign_step_(
 ) -> None:
     """deltas[i] ← clamp(deltas[i] − eta·sign(grads[i]), −b_i, b_i) in place, b_i =
     bound_tensors[i] when given, else bounds[i] (schema of cimext::sign_step_); every argument is
-    checked before any tensor is written."""
-    from cimext.reference import check_sign_step
-
-    check_sign_step(deltas, grads, eta, bounds, bound_tensors)
+    checked before any tensor is written, by cimext::_check_sign_step_ (the checks of the C++
+    kernels)."""
+    torch.ops.cimext._check_sign_step_(deltas, grads, eta, bounds, bound_tensors)
     if not deltas:
         return
     # (eta, bound) per tensor, moved to the device in one copy.

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..device import DeviceModel
+from ..ops._spec import check_bool
 from .layers import CiMConv2d, CiMLinear, _CiMMixin
 from .quant import QuantConfig
 
@@ -62,7 +63,7 @@ def convert(
     elif not isinstance(device, DeviceModel):
         raise TypeError(f"device must be a cimext.DeviceModel, got {type(device).__name__}")
     quant = QuantConfig.coerce(quant)
-    if not inplace:
+    if not check_bool("inplace", inplace):
         model = copy.deepcopy(model)
     ids: dict[int, int] = {}
     for _, m in model.named_modules():
@@ -83,7 +84,7 @@ def convert(
 def unconvert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     """Replace every CiM layer by its plain nn.Linear / nn.Conv2d (same weights); returns the
     model. δ, noise modes and quantization settings are dropped."""
-    if not inplace:
+    if not check_bool("inplace", inplace):
         model = copy.deepcopy(model)
     targets = {id(m) for _, m in cim_layers(model)}
     return _replace(model, targets, lambda m: m.to_plain())

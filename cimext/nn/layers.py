@@ -254,6 +254,7 @@ class CiMLinear(_CiMMixin, nn.Linear):
         quant: QuantConfig | tuple | None = None,
         layer_id: int = 0,
     ) -> None:
+        _spec.check_bool("bias", bias)
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_cim(device_model, quant, layer_id)
 
@@ -316,6 +317,7 @@ class CiMConv2d(_CiMMixin, nn.Conv2d):
         quant: QuantConfig | tuple | None = None,
         layer_id: int = 0,
     ) -> None:
+        _spec.check_bool("bias", bias)
         super().__init__(
             in_channels,
             out_channels,
@@ -369,6 +371,21 @@ class CiMConv2d(_CiMMixin, nn.Conv2d):
 
     def _each_instance(self, x, xs, weights, extra):
         p = extra["padding"]
+        if xs is None and self.groups == 1 and x.dim() == 4:
+            # A shared input (the first CiM layer of a folded forward): one convolution with the
+            # S instances' filters side by side reads and unfolds the input once for all of them.
+            S, c_out = weights.shape[0], weights.shape[1]
+            bias = None if self.bias is None else self.bias.repeat(S)
+            y = F.conv2d(
+                x,
+                weights.reshape(S * c_out, *weights.shape[2:]),
+                bias,
+                self.stride,
+                p,
+                self.dilation,
+                1,
+            )
+            return y.reshape(y.shape[0], S, c_out, *y.shape[2:]).transpose(0, 1)
         outs = [self._conv(x if xs is None else xs[s], w, p) for s, w in enumerate(weights)]
         return torch.stack(outs)
 

@@ -162,3 +162,72 @@ def call_differentiable(
         _Function.__name__ = f"{namespace}_{name}_function"
         fn = _autograd_fns[(namespace, name)] = _Function
     return fn.apply(*args)
+
+
+def _schema_arguments(name: str) -> list:
+    """The arguments of schema cimext::``name`` (the one source of their names and order)."""
+    args = _schema_cache.get(name)
+    if args is None:
+        args = _schema_cache[name] = list(getattr(torch.ops.cimext, name).default._schema.arguments)
+    return args
+
+
+_schema_cache: dict[str, list] = {}
+
+
+def bind(name: str, /, **named) -> tuple:
+    """The positional arguments of op ``name`` from keywords named as in its schema; an argument
+    not given takes its schema default. Binding by name keeps callers right when an argument is
+    added to the schema (e.g. one more field of NoiseArgs)."""
+    out = []
+    for a in _schema_arguments(name):
+        if a.name in named:
+            out.append(named.pop(a.name))
+        elif a.has_default_value():
+            out.append(a.default_value)
+        else:
+            raise TypeError(f"cimext::{name}: missing argument {a.name!r}")
+    if named:
+        raise TypeError(f"cimext::{name}: unexpected argument(s) {sorted(named)}")
+    return tuple(out)
+
+
+def named(name: str, args: tuple, kwargs: dict | None = None) -> dict:
+    """The arguments of a call of op ``name`` (positional ``args`` and ``kwargs``, as a kernel or
+    an autograd formula receives them) as a dict by schema name, defaults filled in."""
+    out = {}
+    kwargs = kwargs or {}
+    for i, a in enumerate(_schema_arguments(name)):
+        if i < len(args):
+            out[a.name] = args[i]
+        elif a.name in kwargs:
+            out[a.name] = kwargs[a.name]
+        elif a.has_default_value():
+            out[a.name] = a.default_value
+        else:
+            raise TypeError(f"cimext::{name}: missing argument {a.name!r}")
+    return out
+
+
+def input_grads(name: str, /, **grads) -> tuple:
+    """The tuple an autograd formula of op ``name`` returns: ``grads`` by argument name, None
+    for every other argument of the schema."""
+    return tuple(grads.get(a.name) for a in _schema_arguments(name))
+
+
+def check(name: str, args: tuple, kwargs: dict | None = None):
+    """Run cimext::_check_``name`` (csrc/common/checks.cpp, the one validation of every backend)
+    on a call of op ``name``; returns the full scale (a float) for the noise ops, else None."""
+    if not HAS_CPP:
+        return None  # only the reference backend runs; reference.py's own checks apply
+    out = getattr(torch.ops.cimext, f"_check_{name}")(*args, **(kwargs or {}))
+    return None if out is None else float(out)
+
+
+def check_in_fake(name: str, args: tuple, kwargs: dict | None = None) -> None:
+    """The op's checks from its fake kernel, which is also its Meta kernel: run them on real
+    tensors (a meta tensor among CPU ones dispatches here), but not while tracing, where fake
+    tensors (maybe with symbolic sizes) have no memory or values; the kernel that runs the
+    traced graph checks everything then."""
+    if torch._guards.detect_fake_mode(args) is None:
+        check(name, args, kwargs)

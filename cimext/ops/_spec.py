@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
@@ -40,11 +41,19 @@ def check_seeds(seed, seeds) -> tuple[list[int], bool]:
 
 
 def _seed_tensor_arg(name: str, t: torch.Tensor) -> torch.Tensor:
-    # Integer tensors are taken as they are (int64 values are seed bit patterns): checking their
-    # values would read them back, which a compiled graph cannot do without a break.
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    return t.reshape(-1).to(torch.int64)
+    # int64 tensors are taken as they are (their values are seed bit patterns) and unsigned ones
+    # by value: checking values would read them back, which a compiled graph cannot do without a
+    # break. Signed narrower integers are refused: a negative entry would wrap around.
+    if t.dtype == torch.int64:
+        return t.reshape(-1)
+    if t.dtype == torch.uint64:
+        return t.reshape(-1).view(torch.int64)
+    if t.dtype in (torch.uint8, torch.uint16, torch.uint32):
+        return t.reshape(-1).to(torch.int64)
+    raise TypeError(
+        f"{name} must be an int64 tensor of seed bit patterns (or an unsigned integer tensor), "
+        f"got {t.dtype}"
+    )
 
 
 def seeds_arg(seed, seeds) -> tuple[torch.Tensor, bool]:
@@ -87,10 +96,17 @@ def check_nonnegative(name: str, v) -> float:
 
 
 @dataclass(frozen=True)
-class NoiseSpec:
-    """The schema arguments that describe one kind of noise (see csrc/cimext.cpp)."""
+class NoiseArgs:
+    """The noise arguments of the op schemas (CIMEXT_NOISE_ARGS in csrc/cimext.cpp) by name.
 
-    mode: int = ref.KIND_NONE
+    One field per schema argument, with the schema's name: ops are called through
+    ``_registry.bind(op, **noise.fields(), ...)``, so adding an argument to the schema is adding
+    one field here (and its default), not editing positional tuples."""
+
+    seeds: torch.Tensor | None = None
+    layer_id: int = 0
+    kind: int = ref.KIND_NONE
+    scale: float | None = None
     weight_bits: int = 8
     bits_per_device: int = 2
     sigma: float = 0.0
@@ -98,26 +114,34 @@ class NoiseSpec:
     verified_sigma: float = 0.0
     th: float = 0.0
     verify: bool = False
+    verify_mask: torch.Tensor | None = None
 
-    def args(self, scale: float | None, verify_mask) -> tuple:
-        """Positional schema arguments after (seeds, layer_id)."""
-        return (
-            self.mode,
-            scale,
-            self.weight_bits,
-            self.bits_per_device,
-            self.sigma,
-            list(self.level_sigma),
-            self.verified_sigma,
-            self.th,
-            self.verify,
-            verify_mask,
-        )
+    def fields(self) -> dict:
+        """The fields as schema keywords (level_sigma as the list the schema takes)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["level_sigma"] = list(self.level_sigma)
+        return out
+
+    @classmethod
+    def of(cls, named: dict) -> NoiseArgs:
+        """The noise arguments out of a call's arguments by name (``_registry.named``)."""
+        kw = {f.name: named[f.name] for f in dataclasses.fields(cls)}
+        kw["level_sigma"] = tuple(kw["level_sigma"])
+        return cls(**kw)
+
+    def ref_kwargs(self) -> dict:
+        """Keywords of cimext.reference's noise functions (seeds as a list of ints)."""
+        kw = self.fields()
+        kw["seeds"] = seeds_as_uint(self.seeds)
+        kw["mode"] = kw.pop("kind")
+        kw["level_sigma"] = tuple(self.level_sigma)
+        return kw
 
 
-def make_spec(device=None, rcg=None, gaussian=None) -> NoiseSpec:
-    """NoiseSpec from the user keywords ``device`` (DeviceModel), ``rcg`` ((sigma_t, th)) and
-    ``gaussian`` (sigma relative to the full scale); at most one may be given."""
+def make_spec(device=None, rcg=None, gaussian=None) -> NoiseArgs:
+    """The kind of noise (NoiseArgs without seeds) from the user keywords ``device``
+    (DeviceModel), ``rcg`` ((sigma_t, th)) and ``gaussian`` (sigma relative to the full scale);
+    at most one may be given."""
     given = [
         n for n, v in (("device", device), ("rcg", rcg), ("gaussian", gaussian)) if v is not None
     ]
@@ -127,20 +151,30 @@ def make_spec(device=None, rcg=None, gaussian=None) -> NoiseSpec:
         if not isinstance(device, DeviceModel):
             raise TypeError(f"device must be a cimext.DeviceModel, got {type(device).__name__}")
         a = device.op_args()
-        return NoiseSpec(mode=ref.KIND_DEVICE, **a)
+        a["level_sigma"] = tuple(a["level_sigma"])
+        return NoiseArgs(kind=ref.KIND_DEVICE, **a)
     if rcg is not None:
+        if isinstance(rcg, (str, bytes)) or not isinstance(rcg, Sequence):
+            raise TypeError(f"rcg must be a pair (sigma_t, th), got {rcg!r}")
         try:
             sigma_t, th = rcg
         except (TypeError, ValueError):
             raise TypeError(f"rcg must be a pair (sigma_t, th), got {rcg!r}") from None
-        return NoiseSpec(
-            mode=ref.KIND_RCG,
+        return NoiseArgs(
+            kind=ref.KIND_RCG,
             sigma=check_nonnegative("rcg sigma_t", sigma_t),
             th=check_nonnegative("rcg th", th),
         )
     if gaussian is not None:
-        return NoiseSpec(mode=ref.KIND_GAUSSIAN, sigma=check_nonnegative("gaussian", gaussian))
-    return NoiseSpec()
+        return NoiseArgs(kind=ref.KIND_GAUSSIAN, sigma=check_nonnegative("gaussian", gaussian))
+    return NoiseArgs()
+
+
+def check_bool(name: str, v) -> bool:
+    """``v`` unless it is not a bool: a TypeError naming ``name`` (no truthy strings as flags)."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {v!r}")
+    return v
 
 
 def check_scale(scale) -> float | None:
@@ -162,19 +196,6 @@ def check_tensor(name: str, t, *, like: torch.Tensor | None = None) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if like is not None and t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but weight is on {like.device}")
-
-
-def check_verify_mask(mask, weight: torch.Tensor):
-    if mask is None:
-        return None
-    check_tensor("verify_mask", mask, like=weight)
-    if mask.dtype not in (torch.bool, torch.uint8):
-        raise TypeError(f"verify_mask must be bool or uint8, got {mask.dtype}")
-    if mask.shape != weight.shape:
-        raise ValueError(
-            f"verify_mask shape {tuple(mask.shape)} must equal weight shape {tuple(weight.shape)}"
-        )
-    return mask
 
 
 def seeds_as_uint(seeds: Sequence[int] | torch.Tensor) -> list[int]:
@@ -199,19 +220,25 @@ def prepare_call(
     layer_id,
     verify_mask,
     scale,
-) -> tuple[bool, tuple]:
-    """Validate the keywords shared by the perturbed-op wrappers. Returns (stacked, tail): whether
-    the output keeps its seed dimension, and the schema arguments from x_stacked onwards."""
+) -> tuple[bool, NoiseArgs]:
+    """Validate the keywords shared by the perturbed-op wrappers (the Python types; the values
+    are checked by the op itself, the same on every backend). Returns whether the output keeps
+    its seed dimension, and the NoiseArgs of the call."""
     check_tensor("x", x)
-    check_tensor("weight", weight, like=x)
-    for name, t in (("bias", bias), ("delta", delta)):
+    check_tensor("weight", weight)
+    for name, t in (("bias", bias), ("delta", delta), ("verify_mask", verify_mask)):
         if t is not None:
-            check_tensor(name, t, like=weight)
-    spec = make_spec(device=device, rcg=rcg, gaussian=gaussian)
+            check_tensor(name, t)
+    check_bool("x_stacked", x_stacked)
+    kind = make_spec(device=device, rcg=rcg, gaussian=gaussian)
     seed_t, stacked = seeds_arg(seed, seeds)
     if x_stacked and not stacked:
         raise ValueError("x_stacked=True needs seeds=[...] (one slice of x per seed)")
-    layer_id = check_layer_id(layer_id)
-    verify_mask = check_verify_mask(verify_mask, weight)
-    s = check_scale(scale)
-    return stacked, (bool(x_stacked), seed_t, layer_id, *spec.args(s, verify_mask))
+    noise = dataclasses.replace(
+        kind,
+        seeds=seed_t,
+        layer_id=check_layer_id(layer_id),
+        scale=check_scale(scale),
+        verify_mask=verify_mask,
+    )
+    return stacked, noise

@@ -10,7 +10,7 @@ import torch
 from .. import reference as ref
 from ..backend import resolve
 from . import _spec
-from ._registry import on_namespace, register_ref, schema_op
+from ._registry import check, check_in_fake, on_namespace, register_ref, schema_op
 
 bit_mask = ref.bit_mask
 
@@ -89,21 +89,25 @@ def bitflip_(
 
 
 def _ref_bitflip(t, p01, p10, mask, seed, layer_id, zero_nonfinite):
+    check("bitflip", (t, p01, p10, mask, seed, layer_id, zero_nonfinite, False))
     return ref.bitflip(t, p01, p10, mask, seed, layer_id, zero_nonfinite)
 
 
 def _ref_bitflip_(t, p01, p10, mask, seed, layer_id, zero_nonfinite):
+    check("bitflip", (t, p01, p10, mask, seed, layer_id, zero_nonfinite, True))
     return ref.bitflip_(t, p01, p10, mask, seed, layer_id, zero_nonfinite)
 
 
+# The fakes run the op's checks (they are also the Meta kernels); on fake tensors the checks
+# skip what needs memory or values.
 def _fake_bitflip(t, p01, p10, mask, seed, layer_id, zero_nonfinite):
-    ref.check_bitflip(t, p01, p10, mask)
+    check_in_fake("bitflip", (t, p01, p10, mask, seed, layer_id, zero_nonfinite, False))
     out = torch.empty_like(t, memory_format=torch.contiguous_format)
     return out, torch.empty((), dtype=torch.int64, device=t.device)
 
 
 def _fake_bitflip_(t, p01, p10, mask, seed, layer_id, zero_nonfinite):
-    ref.check_bitflip(t, p01, p10, mask)
+    check_in_fake("bitflip", (t, p01, p10, mask, seed, layer_id, zero_nonfinite, True))
     return torch.empty((), dtype=torch.int64, device=t.device)
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .. import reference as ref
 from ..backend import resolve
 from . import _spec
-from ._registry import on_namespace, register_ref, schema_op
+from ._registry import bind, check, check_in_fake, named, on_namespace, register_ref, schema_op
+from ._spec import NoiseArgs
 
 
 def noise(
@@ -61,101 +64,68 @@ def gaussian_noise(
     return _noise(weight, spec, seed, seeds, layer_id, None, scale, out)
 
 
-def check_out(out, weight: torch.Tensor, shape: tuple[int, ...]) -> None:
-    """A clear error unless ``out`` can receive ΔW of ``weight`` with result shape ``shape``."""
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out.device != weight.device:
-        raise ValueError(f"out is on {out.device} but weight is on {weight.device}")
-    if out.dtype != weight.dtype:
-        raise TypeError(f"out dtype {out.dtype} must match weight dtype {weight.dtype}")
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out must have shape {tuple(shape)}, got {tuple(out.shape)}")
-    if out.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError("out requires grad: noise(out=...) does not support autograd")
-    # Inference tensors and memory overlap are properties of real tensors: a compiled graph
-    # (fake tensors, no inference mode) leaves them to the kernels' own checks.
-    if torch.compiler.is_compiling():
-        return
-    if out.is_inference() and not torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "out is an inference tensor; writing into it is only allowed inside "
-            "torch.inference_mode()"
-        )
-    if torch._C._overlaps(out, weight):
-        raise ValueError("out must not overlap weight")
-
-
 def _noise(weight, spec, seed, seeds, layer_id, verify_mask, scale, out) -> torch.Tensor:
     _spec.check_tensor("weight", weight)
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if verify_mask is not None:
+        _spec.check_tensor("verify_mask", verify_mask)
     seed_t, stacked = _spec.seeds_arg(seed, seeds)
-    layer_id = _spec.check_layer_id(layer_id)
-    verify_mask = _spec.check_verify_mask(verify_mask, weight)
-    s = _spec.check_scale(scale)
+    noise = dataclasses.replace(
+        spec,
+        seeds=seed_t,
+        layer_id=_spec.check_layer_id(layer_id),
+        scale=_spec.check_scale(scale),
+        verify_mask=verify_mask,
+    )
     w = weight.detach()
-    args = (w, seed_t, layer_id, *spec.args(s, verify_mask))
     if out is None:
-        res = schema_op("noise", resolve(w.device))(*args)
+        res = schema_op("noise", resolve(w.device))(*bind("noise", weight=w, **noise.fields()))
         return res if stacked else res[0]
-    shape = (seed_t.shape[0], *w.shape) if stacked else tuple(w.shape)
-    check_out(out, w, shape)
-    schema_op("noise_out", resolve(w.device))(*args, out if stacked else out.unsqueeze(0))
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("out requires grad: noise(out=...) does not support autograd")
+    if not stacked:
+        if tuple(out.shape) != tuple(w.shape):
+            raise ValueError(f"out must have shape {tuple(w.shape)}, got {tuple(out.shape)}")
+        out_arg = out.unsqueeze(0)
+    else:
+        out_arg = out
+    args = bind("noise_out", weight=w, out=out_arg, **noise.fields())
+    schema_op("noise_out", resolve(w.device))(*args)
     return out
 
 
-def noise_ref(
-    weight,
-    seeds,
-    layer_id,
-    mode,
-    scale,
-    weight_bits,
-    bits_per_device,
-    sigma,
-    level_sigma,
-    verified_sigma,
-    th,
-    verify,
-    verify_mask,
-) -> torch.Tensor:
-    """The reference implementation with the schema's positional arguments."""
-    return torch.stack(
-        [
-            ref.noise(
-                weight,
-                s,
-                layer_id,
-                mode=mode,
-                scale=scale,
-                weight_bits=weight_bits,
-                bits_per_device=bits_per_device,
-                sigma=sigma,
-                level_sigma=tuple(level_sigma),
-                verified_sigma=verified_sigma,
-                th=th,
-                verify=verify,
-                verify_mask=verify_mask,
-            )
-            for s in _spec.seeds_as_uint(seeds)
-        ]
-    )
+def noise_ref(*args, **kwargs) -> torch.Tensor:
+    """The reference backend: the op's checks (cimext::_check_noise), then reference.noise."""
+    scale = check("noise", args, kwargs)
+    return _noise_ref(named("noise", args, kwargs), scale)
 
 
-def noise_out_ref(weight, seeds, layer_id, *args) -> None:
-    """The reference noise_out: the same checks as the kernels, then one copy into ``out``."""
-    *noise_args, out = args
-    check_out(out, weight, (len(seeds), *weight.shape))
-    out.copy_(noise_ref(weight, seeds, layer_id, *noise_args))
+def _noise_ref(a: dict, scale) -> torch.Tensor:
+    noise = NoiseArgs.of(a)
+    if scale is not None:
+        noise = dataclasses.replace(noise, scale=scale)
+    kw = noise.ref_kwargs()
+    seeds, layer_id = kw.pop("seeds"), kw.pop("layer_id")
+    return torch.stack([ref.noise(a["weight"], s, layer_id, **kw) for s in seeds])
 
 
-def _noise_fake(weight, seeds, *args):
-    return weight.new_empty((seeds.shape[0], *weight.shape))
+def noise_out_ref(*args, **kwargs) -> None:
+    """The reference noise_out: the op's checks (cimext::_check_noise_out), then one copy."""
+    scale = check("noise_out", args, kwargs)
+    a = named("noise_out", args, kwargs)
+    out = a["out"]
+    out.copy_(_noise_ref(a, scale))
 
 
-def _noise_out_fake(weight, seeds, *args) -> None:
-    return None
+def _noise_fake(*args, **kwargs):
+    check_in_fake("noise", args, kwargs)
+    a = named("noise", args, kwargs)
+    return a["weight"].new_empty((a["seeds"].shape[0], *a["weight"].shape))
+
+
+def _noise_out_fake(*args, **kwargs) -> None:
+    check_in_fake("noise_out", args, kwargs)
 
 
 def _register(namespace: str) -> None:

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.nn.modules.utils import _pair
 
 from .. import reference as ref
 from ..backend import resolve
 from . import _spec
-from ._registry import call_differentiable, on_namespace, register_ref
+from ._registry import (
+    bind,
+    call_differentiable,
+    check,
+    check_in_fake,
+    input_grads,
+    named,
+    on_namespace,
+    register_ref,
+)
+from ._spec import NoiseArgs
 
 
 def perturbed_conv2d(
@@ -39,7 +51,7 @@ def perturbed_conv2d(
         raise ValueError(f"padding must be an int or a pair, got {padding!r}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be an int >= 1, got {groups!r}")
-    stacked, tail = _spec.prepare_call(
+    stacked, noise = _spec.prepare_call(
         x,
         weight,
         bias,
@@ -54,8 +66,19 @@ def perturbed_conv2d(
         verify_mask=verify_mask,
         scale=scale,
     )
-    geometry = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), groups)
-    args = (x, weight, bias, delta, *geometry, *tail)
+    args = bind(
+        "perturbed_conv2d",
+        x=x,
+        weight=weight,
+        bias=bias,
+        delta=delta,
+        stride=list(_pair(stride)),
+        padding=list(_pair(padding)),
+        dilation=list(_pair(dilation)),
+        groups=groups,
+        x_stacked=x_stacked,
+        **noise.fields(),
+    )
     out = call_differentiable(
         "perturbed_conv2d",
         resolve(x.device),
@@ -67,51 +90,25 @@ def perturbed_conv2d(
     return out if stacked else out[0]
 
 
-def _ref_impl(
-    x,
-    weight,
-    bias,
-    delta,
-    stride,
-    padding,
-    dilation,
-    groups,
-    x_stacked,
-    seeds,
-    layer_id,
-    mode,
-    scale,
-    weight_bits,
-    bits_per_device,
-    sigma,
-    level_sigma,
-    verified_sigma,
-    th,
-    verify,
-    verify_mask,
-):
+def _ref_impl(*args, **kwargs):
+    """The reference backend: the op's checks (cimext::_check_perturbed_conv2d), then
+    cimext.reference.perturbed_conv2d."""
+    scale = check("perturbed_conv2d", args, kwargs)
+    a = named("perturbed_conv2d", args, kwargs)
+    noise = NoiseArgs.of(a)
+    if scale is not None:
+        noise = dataclasses.replace(noise, scale=scale)
     return ref.perturbed_conv2d(
-        x,
-        weight,
-        bias,
-        stride,
-        padding,
-        dilation,
-        groups,
-        seeds=_spec.seeds_as_uint(seeds),
-        layer_id=layer_id,
-        delta=delta,
-        x_stacked=x_stacked,
-        mode=mode,
-        scale=scale,
-        weight_bits=weight_bits,
-        bits_per_device=bits_per_device,
-        sigma=sigma,
-        level_sigma=tuple(level_sigma),
-        verified_sigma=verified_sigma,
-        th=th,
-        verify=verify,
-        verify_mask=verify_mask,
+        a["x"],
+        a["weight"],
+        a["bias"],
+        a["stride"],
+        a["padding"],
+        a["dilation"],
+        a["groups"],
+        delta=a["delta"],
+        x_stacked=a["x_stacked"],
+        **noise.ref_kwargs(),
     )
 
 
@@ -122,27 +119,35 @@ def _out_size(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _fake(x, weight, bias, delta, stride, padding, dilation, groups, x_stacked, seeds, *args):
-    xs = x.shape[1:] if x_stacked else x.shape
+def _fake(*args, **kwargs):
+    check_in_fake("perturbed_conv2d", args, kwargs)
+    a = named("perturbed_conv2d", args, kwargs)
+    x, weight, stride, padding, dilation = (
+        a[k] for k in ("x", "weight", "stride", "padding", "dilation")
+    )
+    xs = x.shape[1:] if a["x_stacked"] else x.shape
     h = _out_size(xs[2], weight.shape[2], stride[0], padding[0], dilation[0])
     w = _out_size(xs[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    return x.new_empty((seeds.shape[0], xs[0], weight.shape[0], h, w))
+    return x.new_empty((a["seeds"].shape[0], xs[0], weight.shape[0], h, w))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, delta, stride, padding, dilation, groups, x_stacked, seeds, layer_id = inputs[
-        :11
-    ]
-    noise_args = inputs[11:]
-    ctx.save_for_backward(x, weight, delta, noise_args[-1], seeds)
-    ctx.has_bias = bias is not None
-    ctx.meta = (stride, padding, dilation, groups, x_stacked, layer_id, tuple(noise_args[:-1]))
+    a = named("perturbed_conv2d", inputs)
+    noise = NoiseArgs.of(a)
+    # Tensors go through save_for_backward; the rest of the noise arguments ride on ctx.
+    ctx.save_for_backward(a["x"], a["weight"], a["delta"], noise.verify_mask, noise.seeds)
+    ctx.has_bias = a["bias"] is not None
+    ctx.conv = (a["stride"], a["padding"], a["dilation"], a["groups"])
+    ctx.x_stacked = a["x_stacked"]
+    ctx.noise = dataclasses.replace(noise, seeds=None, verify_mask=None)
 
 
 def _make_backward(namespace: str):
     def backward(ctx, gy):
         x, weight, delta, mask, seeds = ctx.saved_tensors
-        stride, padding, dilation, groups, x_stacked, layer_id, noise_args = ctx.meta
+        stride, padding, dilation, groups = ctx.conv
+        x_stacked = ctx.x_stacked
+        noise = dataclasses.replace(ctx.noise, seeds=seeds, verify_mask=mask)
         conv_args = (stride, padding, dilation, False, [0, 0], groups)
         S = seeds.shape[0]
         need_x = ctx.needs_input_grad[0]
@@ -155,7 +160,9 @@ def _make_backward(namespace: str):
         if need_x or w_per_instance:
             if need_x:
                 # Regenerate ΔW from the seeds: nothing was stored in the forward.
-                dw = getattr(torch.ops, namespace).noise(weight, seeds, layer_id, *noise_args, mask)
+                dw = getattr(torch.ops, namespace).noise(
+                    *bind("noise", weight=weight, **noise.fields())
+                )
                 base = weight if delta is None else weight + delta
             for s in range(S):
                 w_eff = base + dw[s] if need_x else weight
@@ -185,7 +192,13 @@ def _make_backward(namespace: str):
                     gx = gx + g
         gb = gy.sum((0, 1, 3, 4)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         gd = gw if (delta is not None and ctx.needs_input_grad[3]) else None
-        return (gx, gw if ctx.needs_input_grad[1] else None, gb, gd) + (None,) * 17
+        return input_grads(
+            "perturbed_conv2d",
+            x=gx,
+            weight=gw if ctx.needs_input_grad[1] else None,
+            bias=gb,
+            delta=gd,
+        )
 
     return backward
 

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .. import reference as ref
 from ..backend import resolve
 from . import _spec
-from ._registry import call_differentiable, on_namespace, register_ref
+from ._registry import (
+    bind,
+    call_differentiable,
+    check,
+    check_in_fake,
+    input_grads,
+    named,
+    on_namespace,
+    register_ref,
+)
+from ._spec import NoiseArgs
 
 
 def perturbed_linear(
@@ -34,7 +46,7 @@ def perturbed_linear(
     into a compiled graph as data: no recompilation per seed). ``scale`` is the full scale s_l
     (None: max|W|, computed inside the op). ``x_stacked``: x is (S, ..., in), one slice per seed.
     """
-    stacked, tail = _spec.prepare_call(
+    stacked, noise = _spec.prepare_call(
         x,
         weight,
         bias,
@@ -49,7 +61,15 @@ def perturbed_linear(
         verify_mask=verify_mask,
         scale=scale,
     )
-    args = (x, weight, bias, delta, *tail)
+    args = bind(
+        "perturbed_linear",
+        x=x,
+        weight=weight,
+        bias=bias,
+        delta=delta,
+        x_stacked=x_stacked,
+        **noise.fields(),
+    )
     out = call_differentiable(
         "perturbed_linear",
         resolve(x.device),
@@ -61,71 +81,58 @@ def perturbed_linear(
     return out if stacked else out[0]
 
 
-def _ref_impl(
-    x,
-    weight,
-    bias,
-    delta,
-    x_stacked,
-    seeds,
-    layer_id,
-    mode,
-    scale,
-    weight_bits,
-    bits_per_device,
-    sigma,
-    level_sigma,
-    verified_sigma,
-    th,
-    verify,
-    verify_mask,
-):
+def _ref_impl(*args, **kwargs):
+    """The reference backend: the op's checks (cimext::_check_perturbed_linear), then
+    cimext.reference.perturbed_linear."""
+    scale = check("perturbed_linear", args, kwargs)
+    a = named("perturbed_linear", args, kwargs)
+    noise = NoiseArgs.of(a)
+    if scale is not None:
+        noise = dataclasses.replace(noise, scale=scale)
     return ref.perturbed_linear(
-        x,
-        weight,
-        bias,
-        seeds=_spec.seeds_as_uint(seeds),
-        layer_id=layer_id,
-        delta=delta,
-        x_stacked=x_stacked,
-        mode=mode,
-        scale=scale,
-        weight_bits=weight_bits,
-        bits_per_device=bits_per_device,
-        sigma=sigma,
-        level_sigma=tuple(level_sigma),
-        verified_sigma=verified_sigma,
-        th=th,
-        verify=verify,
-        verify_mask=verify_mask,
+        a["x"],
+        a["weight"],
+        a["bias"],
+        delta=a["delta"],
+        x_stacked=a["x_stacked"],
+        **noise.ref_kwargs(),
     )
 
 
 register_ref("perturbed_linear", _ref_impl)
 
 
-def _fake(x, weight, bias, delta, x_stacked, seeds, *args):
-    batch = x.shape[1:-1] if x_stacked else x.shape[:-1]
-    return x.new_empty((seeds.shape[0], *batch, weight.shape[0]))
+def _fake(*args, **kwargs):
+    check_in_fake("perturbed_linear", args, kwargs)
+    a = named("perturbed_linear", args, kwargs)
+    x, weight = a["x"], a["weight"]
+    batch = x.shape[1:-1] if a["x_stacked"] else x.shape[:-1]
+    return x.new_empty((a["seeds"].shape[0], *batch, weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, delta, x_stacked, seeds, layer_id, *noise_args = inputs
-    ctx.save_for_backward(x, weight, delta, noise_args[-1], seeds)
-    ctx.has_bias = bias is not None
-    ctx.meta = (x_stacked, layer_id, tuple(noise_args[:-1]))
+    a = named("perturbed_linear", inputs)
+    noise = NoiseArgs.of(a)
+    # Tensors go through save_for_backward; the rest of the noise arguments ride on ctx.
+    ctx.save_for_backward(a["x"], a["weight"], a["delta"], noise.verify_mask, noise.seeds)
+    ctx.has_bias = a["bias"] is not None
+    ctx.x_stacked = a["x_stacked"]
+    ctx.noise = dataclasses.replace(noise, seeds=None, verify_mask=None)
 
 
 def _make_backward(namespace: str):
     def backward(ctx, gy):
         x, weight, delta, mask, seeds = ctx.saved_tensors
-        x_stacked, layer_id, noise_args = ctx.meta
+        x_stacked = ctx.x_stacked
+        noise = dataclasses.replace(ctx.noise, seeds=seeds, verify_mask=mask)
         S, (out_f, in_f) = seeds.shape[0], weight.shape
         gy2 = gy.reshape(S, -1, out_f)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             # Regenerate ΔW from the seeds: nothing was stored in the forward.
-            dw = getattr(torch.ops, namespace).noise(weight, seeds, layer_id, *noise_args, mask)
+            dw = getattr(torch.ops, namespace).noise(
+                *bind("noise", weight=weight, **noise.fields())
+            )
             base = weight if delta is None else weight + delta
             if S == 1:
                 gx = (gy2[0] @ (base + dw[0])).reshape(x.shape)
@@ -142,7 +149,13 @@ def _make_backward(namespace: str):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy2.sum((0, 1))
         gd = gw if (delta is not None and ctx.needs_input_grad[3]) else None
-        return (gx, gw if ctx.needs_input_grad[1] else None, gb, gd) + (None,) * 13
+        return input_grads(
+            "perturbed_linear",
+            x=gx,
+            weight=gw if ctx.needs_input_grad[1] else None,
+            bias=gb,
+            delta=gd,
+        )
 
     return backward
 

@@ -10,7 +10,7 @@ import torch
 from .. import reference as ref
 from ..backend import resolve
 from . import _spec
-from ._registry import on_namespace, register_ref, schema_op
+from ._registry import check, check_in_fake, on_namespace, register_ref, schema_op
 
 
 def sign_step_(
@@ -35,10 +35,10 @@ def sign_step_(
     eta = _spec.check_nonnegative("eta", eta)
     bounds, tensors = _bound_list(bounds, deltas)
     if not deltas:
-        ref.check_sign_step(deltas, grads, eta, bounds)  # the lengths
+        check("sign_step_", (deltas, grads, eta, bounds))  # the lengths
         return
-    # Every backend checks the tensors before it writes (C++: check_sign_step, with the same
-    # exception types and messages as reference.check_sign_step, which triton and ref call).
+    # Every backend checks everything before it writes, in one place: csrc/common/checks.cpp
+    # (the C++ kernels directly, triton and ref through cimext::_check_sign_step_).
     # Without tensor bounds the op is called with the four arguments of the plain schema.
     args = (deltas, grads, eta, bounds) + (() if tensors is None else (tensors,))
     with torch.no_grad():
@@ -70,12 +70,14 @@ def _bound_list(bounds, deltas) -> tuple[list[float], list[torch.Tensor | None] 
 
 
 def _ref_impl(deltas, grads, eta, bounds, bound_tensors=None) -> None:
+    check("sign_step_", (deltas, grads, eta, bounds, bound_tensors))
     ref.sign_step_(deltas, grads, eta, bounds, bound_tensors)
 
 
 def _fake(deltas, grads, eta, bounds, bound_tensors=None) -> None:
-    # Fake tensors have no memory to compare and no values to read: every other check runs.
-    ref.check_sign_step(deltas, grads, eta, bounds, bound_tensors, memory=False)
+    # The op's checks (also the Meta kernel: a meta tensor among CPU ones lands here); on fake
+    # tensors they skip what needs memory or values.
+    check_in_fake("sign_step_", (deltas, grads, eta, bounds, bound_tensors))
 
 
 register_ref("sign_step_", _ref_impl)

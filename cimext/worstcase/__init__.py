@@ -9,9 +9,11 @@ from .lwc import lwc, margin, margin_loss
 from .monte_carlo import MonteCarloResult, instance_seeds, monte_carlo
 from .pgd import weight_pgd
 from .results import WorstCaseResult
+from .tail import TailResult, tail_probability, tail_report
 
 __all__ = [
     "MonteCarloResult",
+    "TailResult",
     "WorstCaseResult",
     "flwc",
     "instance_seeds",
@@ -19,6 +21,8 @@ __all__ = [
     "margin",
     "margin_loss",
     "monte_carlo",
+    "tail_probability",
+    "tail_report",
     "weight_pgd",
     "worst_case",
 ]

@@ -11,6 +11,14 @@ namespace {
 
 // Writes ΔW for every seed into `out`, a contiguous (S, *weight.shape) tensor of weight's dtype.
 void noise_into(const NoiseSpec& spec, const at::Tensor& weight, at::Tensor& out) {
+  if (weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16) {
+    // float16 / bfloat16: the noise is float32 math on the float32 weight (as in the
+    // reference), rounded to the weight's dtype once at the end.
+    at::Tensor tmp = at::empty(out.sizes(), out.options().dtype(at::kFloat));
+    noise_into(spec, weight.to(at::kFloat), tmp);
+    out.copy_(tmp);
+    return;
+  }
   const at::Tensor w = weight.contiguous();
   const int64_t S = static_cast<int64_t>(spec.seeds.size()), n = w.numel();
   if (n == 0) return;
@@ -34,17 +42,12 @@ void noise_into(const NoiseSpec& spec, const at::Tensor& weight, at::Tensor& out
   });
 }
 
-void check_weight(const at::Tensor& weight) {
-  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
-              "noise: weight must be float32 or float64 on CPU, got ", weight.scalar_type());
-}
-
 at::Tensor noise_cpu(const at::Tensor& weight, const at::Tensor& seeds, int64_t layer_id,
                      int64_t mode, std::optional<double> scale, int64_t weight_bits,
                      int64_t bits_per_device, double sigma, at::ArrayRef<double> level_sigma,
                      double verified_sigma, double th, bool verify,
                      const std::optional<at::Tensor>& verify_mask) {
-  check_weight(weight);
+  check_weight("noise", weight);
   const NoiseSpec spec = make_spec("noise", weight, seeds, layer_id, mode, scale, weight_bits,
                                    bits_per_device, sigma, level_sigma, verified_sigma, th, verify,
                                    verify_mask);
@@ -55,31 +58,12 @@ at::Tensor noise_cpu(const at::Tensor& weight, const at::Tensor& seeds, int64_t 
   return out;
 }
 
-}  // namespace
-
-// Shared with csrc/cuda/noise.cu: `out` must be (S, *weight.shape), of weight's dtype and device.
-void check_noise_out(const at::Tensor& weight, int64_t n_seeds, const at::Tensor& out) {
-  TORCH_CHECK(out.device() == weight.device(), "noise: out is on ", out.device(),
-              " but weight is on ", weight.device());
-  TORCH_CHECK(out.scalar_type() == weight.scalar_type(), "noise: out dtype ", out.scalar_type(),
-              " must match weight dtype ", weight.scalar_type());
-  std::vector<int64_t> shape{n_seeds};
-  shape.insert(shape.end(), weight.sizes().begin(), weight.sizes().end());
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(shape), "noise: out must have shape ",
-              at::IntArrayRef(shape), " (seeds, *weight.shape), got ", out.sizes());
-  // Later seeds read the weight after earlier ones were written: out must not share its memory.
-  TORCH_CHECK(at::get_overlap_status(out, weight) == at::MemOverlapStatus::No,
-              "noise: out must not overlap weight");
-}
-
-namespace {
-
 void noise_out_cpu(const at::Tensor& weight, const at::Tensor& seeds, int64_t layer_id,
                    int64_t mode, std::optional<double> scale, int64_t weight_bits,
                    int64_t bits_per_device, double sigma, at::ArrayRef<double> level_sigma,
                    double verified_sigma, double th, bool verify,
                    const std::optional<at::Tensor>& verify_mask, at::Tensor out) {
-  check_weight(weight);
+  check_weight("noise", weight);
   const NoiseSpec spec = make_spec("noise", weight, seeds, layer_id, mode, scale, weight_bits,
                                    bits_per_device, sigma, level_sigma, verified_sigma, th, verify,
                                    verify_mask);
@@ -109,11 +93,9 @@ void noise_out_ad_inplace_or_view(c10::DispatchKeySet keys, const at::Tensor& we
           .typed<void(const at::Tensor&, const at::Tensor&, int64_t, int64_t,
                       std::optional<double>, int64_t, int64_t, double, at::ArrayRef<double>,
                       double, double, bool, const std::optional<at::Tensor>&, at::Tensor)>();
-  // An inference tensor has no version counter: it may only be written inside inference mode
-  // (where a normal weight still brings this kernel into the dispatch), as ATen's ops allow.
+  // An inference tensor has no version counter (check_noise_out lets one through only inside
+  // inference mode, where a normal weight still brings this kernel into the dispatch).
   const bool inference = out.is_inference();
-  TORCH_CHECK(!inference || c10::InferenceMode::is_enabled(), "noise: out is an inference tensor; "
-              "writing into it is only allowed inside torch.inference_mode()");
   {
     at::AutoDispatchBelowADInplaceOrView below;
     op.redispatch(keys & c10::after_ADInplaceOrView_keyset, weight, seeds, layer_id, mode, scale,

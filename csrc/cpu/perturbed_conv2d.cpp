@@ -9,6 +9,13 @@
 namespace cimext::cpu {
 namespace {
 
+at::Tensor perturbed_conv2d_checked(const NoiseSpec& spec, const at::Tensor& x,
+                                    const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias,
+                                    const std::optional<at::Tensor>& delta,
+                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups, bool x_stacked);
+
 at::Tensor perturbed_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias,
                                 const std::optional<at::Tensor>& delta, at::IntArrayRef stride,
@@ -20,29 +27,30 @@ at::Tensor perturbed_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
                                 bool verify, const std::optional<at::Tensor>& verify_mask) {
   // The ATen calls below are implementation details: keep autograd out of them.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_operands("perturbed_conv2d", x, weight, bias, delta);
-  TORCH_CHECK(weight.dim() == 4, "perturbed_conv2d: weight must be 4-D (out, in/groups, kh, kw), got ",
-              weight.sizes());
-  TORCH_CHECK(groups >= 1, "perturbed_conv2d: groups must be >= 1, got ", groups);
-  for (auto v : stride) TORCH_CHECK(v >= 1, "perturbed_conv2d: stride must be >= 1, got ", stride);
-  for (auto v : padding) TORCH_CHECK(v >= 0, "perturbed_conv2d: padding must be >= 0, got ", padding);
-  for (auto v : dilation)
-    TORCH_CHECK(v >= 1, "perturbed_conv2d: dilation must be >= 1, got ", dilation);
-  const NoiseSpec spec = make_spec("perturbed_conv2d", weight, seeds, layer_id, mode, scale,
-                                   weight_bits, bits_per_device, sigma, level_sigma,
-                                   verified_sigma, th, verify, verify_mask);
-  const int64_t S = static_cast<int64_t>(spec.seeds.size());
-  TORCH_CHECK(x.dim() == (x_stacked ? 5 : 4), "perturbed_conv2d: x must be ",
-              x_stacked ? "5-D (S, N, C, H, W)" : "4-D (N, C, H, W)", ", got shape ", x.sizes());
-  if (x_stacked)
-    TORCH_CHECK(x.size(0) == S, "perturbed_conv2d: with x_stacked, x.shape[0]=", x.size(0),
-                " must equal the number of seeds ", S);
-  const int64_t cin = x.size(x_stacked ? 2 : 1);
-  TORCH_CHECK(cin == weight.size(1) * groups, "perturbed_conv2d: x has ", cin,
-              " channels but weight expects in/groups * groups = ", weight.size(1) * groups);
-  TORCH_CHECK(weight.size(0) % groups == 0, "perturbed_conv2d: out channels ", weight.size(0),
-              " must be divisible by groups ", groups);
+  const NoiseSpec spec = check_perturbed_conv2d(
+      x, weight, bias, delta, stride, padding, dilation, groups, x_stacked, seeds, layer_id, mode,
+      scale, weight_bits, bits_per_device, sigma, level_sigma, verified_sigma, th, verify,
+      verify_mask);
+  if (weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16) {
+    // float16 / bfloat16: W + δ + ΔW and the convolution in float32, rounded once at the end.
+    const auto f = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+      return t.has_value() ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
+    };
+    return perturbed_conv2d_checked(spec, x.to(at::kFloat), weight.to(at::kFloat), f(bias),
+                                    f(delta), stride, padding, dilation, groups, x_stacked)
+        .to(weight.scalar_type());
+  }
+  return perturbed_conv2d_checked(spec, x, weight, bias, delta, stride, padding, dilation,
+                                  groups, x_stacked);
+}
 
+at::Tensor perturbed_conv2d_checked(const NoiseSpec& spec, const at::Tensor& x,
+                                    const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias,
+                                    const std::optional<at::Tensor>& delta,
+                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups, bool x_stacked) {
+  const int64_t S = static_cast<int64_t>(spec.seeds.size());
   const at::Tensor w = weight.contiguous();
   const at::Tensor dl = delta.has_value() ? delta->contiguous() : at::Tensor();
   const uint8_t* mask = spec.verify_mask.defined()

@@ -30,31 +30,22 @@ int64_t tile_rows(int64_t out_features, int64_t in_features) {
   return std::max<int64_t>(1, (out_features + tiles - 1) / tiles);
 }
 
-at::Tensor perturbed_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias,
-                                const std::optional<at::Tensor>& delta, bool x_stacked,
-                                const at::Tensor& seeds, int64_t layer_id, int64_t mode,
-                                std::optional<double> scale, int64_t weight_bits,
-                                int64_t bits_per_device, double sigma,
-                                at::ArrayRef<double> level_sigma, double verified_sigma, double th,
-                                bool verify, const std::optional<at::Tensor>& verify_mask) {
-  // The ATen calls below are implementation details: keep autograd out of them.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_operands("perturbed_linear", x, weight, bias, delta);
-  TORCH_CHECK(weight.dim() == 2, "perturbed_linear: weight must be 2-D (out, in), got shape ",
-              weight.sizes());
-  const NoiseSpec spec = make_spec("perturbed_linear", weight, seeds, layer_id, mode, scale,
-                                   weight_bits, bits_per_device, sigma, level_sigma,
-                                   verified_sigma, th, verify, verify_mask);
+// The kernel after the checks. float16 / bfloat16 run in float32 (the noise is float32 math
+// anyway) and the result is rounded once to the weight's dtype.
+at::Tensor perturbed_linear_checked(const NoiseSpec& spec, const at::Tensor& x,
+                                    const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias,
+                                    const std::optional<at::Tensor>& delta, bool x_stacked) {
+  if (weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16) {
+    const auto f = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+      return t.has_value() ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
+    };
+    return perturbed_linear_checked(spec, x.to(at::kFloat), weight.to(at::kFloat), f(bias),
+                                    f(delta), x_stacked)
+        .to(weight.scalar_type());
+  }
   const int64_t S = static_cast<int64_t>(spec.seeds.size());
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
-  TORCH_CHECK(x.dim() >= (x_stacked ? 2 : 1), "perturbed_linear: x must have at least ",
-              x_stacked ? 2 : 1, " dims, got shape ", x.sizes());
-  TORCH_CHECK(x.size(-1) == in_f, "perturbed_linear: x.shape[-1]=", x.size(-1),
-              " must equal weight.shape[1]=", in_f);
-  if (x_stacked)
-    TORCH_CHECK(x.size(0) == S, "perturbed_linear: with x_stacked, x.shape[0]=", x.size(0),
-                " must equal the number of seeds ", S);
 
   // Output shape (S, *batch_dims, out).
   std::vector<int64_t> shape{S};
@@ -62,7 +53,8 @@ at::Tensor perturbed_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   shape.insert(shape.end(), xs.begin() + (x_stacked ? 1 : 0), xs.end() - 1);
   shape.push_back(out_f);
   const at::Tensor xc = x.contiguous();
-  const int64_t B = in_f == 0 ? xc.numel() : xc.numel() / in_f / (x_stacked ? S : 1);
+  int64_t B = 1;  // the batch: x's dims between the seed dim (if stacked) and the features
+  for (int64_t d = x_stacked ? 1 : 0; d < x.dim() - 1; ++d) B *= x.size(d);
   at::Tensor y = at::empty({S, B, out_f}, x.options());
   if (B == 0 || out_f == 0) return y.view(shape);
   const at::Tensor x2 = xc.view({x_stacked ? S : 1, B, in_f});
@@ -109,6 +101,23 @@ at::Tensor perturbed_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
     }
   });
   return y.view(shape);
+}
+
+at::Tensor perturbed_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& delta, bool x_stacked,
+                                const at::Tensor& seeds, int64_t layer_id, int64_t mode,
+                                std::optional<double> scale, int64_t weight_bits,
+                                int64_t bits_per_device, double sigma,
+                                at::ArrayRef<double> level_sigma, double verified_sigma, double th,
+                                bool verify, const std::optional<at::Tensor>& verify_mask) {
+  // The ATen calls below are implementation details: keep autograd out of them.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const NoiseSpec spec = check_perturbed_linear(x, weight, bias, delta, x_stacked, seeds,
+                                                layer_id, mode, scale, weight_bits,
+                                                bits_per_device, sigma, level_sigma,
+                                                verified_sigma, th, verify, verify_mask);
+  return perturbed_linear_checked(spec, x, weight, bias, delta, x_stacked);
 }
 
 }  // namespace

@@ -13,97 +13,9 @@
 #include <vector>
 
 #include "../kernels/sign_step.h"
-#include "sign_step_common.h"
+#include "../common/checks.h"  // check_sign_step: one validation for every backend
 
 namespace cimext::cpu {
-
-at::Tensor bound_tensor(const BoundTensors& bound_tensors, size_t i) {
-  if (!bound_tensors.has_value()) return at::Tensor();
-  const std::optional<at::Tensor> b = bound_tensors->get(i);
-  return b.has_value() ? *b : at::Tensor();
-}
-
-namespace {
-
-// [first byte, last byte + 1) of a non-empty tensor (non-negative strides).
-std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
-  int64_t extent = 1;
-  for (int64_t k = 0; k < t.dim(); ++k) extent += (t.size(k) - 1) * t.stride(k);
-  const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  return {first, first + static_cast<uintptr_t>(extent * t.element_size())};
-}
-
-}  // namespace
-
-void check_sign_step(at::TensorList deltas, at::TensorList grads, double eta,
-                     at::ArrayRef<double> bounds, const BoundTensors& bound_tensors,
-                     c10::DeviceType device_type) {
-  // ValueError / TypeError in Python, like the checks of cimext.reference.check_sign_step.
-  TORCH_CHECK_VALUE(deltas.size() == grads.size() && deltas.size() == bounds.size(),
-                    "sign_step_: deltas, grads and bounds need one entry per tensor, got ",
-                    deltas.size(), " deltas, ", grads.size(), " grads and ", bounds.size(),
-                    " bounds");
-  TORCH_CHECK_VALUE(!bound_tensors.has_value() || bound_tensors->size() == deltas.size(),
-                    "sign_step_: bound_tensors needs one entry (a tensor or None) per delta, got ",
-                    bound_tensors.has_value() ? bound_tensors->size() : 0, " for ",
-                    deltas.size(), " deltas");
-  TORCH_CHECK_VALUE(std::isfinite(eta) && eta >= 0,
-                    "sign_step_: eta must be finite and >= 0, got ", eta);
-  // Byte spans of every non-empty delta and bound tensor, to find shared memory.
-  std::vector<std::pair<std::pair<uintptr_t, uintptr_t>, size_t>> spans, bound_spans;
-  for (size_t i = 0; i < deltas.size(); ++i) {
-    const at::Tensor& d = deltas[i];
-    const at::Tensor& g = grads[i];
-    TORCH_CHECK_VALUE(std::isfinite(bounds[i]) && bounds[i] >= 0, "sign_step_: bounds[", i,
-                      "] must be finite and >= 0, got ", bounds[i]);
-    TORCH_CHECK_VALUE(d.device() == deltas[0].device(), "sign_step_: deltas[", i, "] is on ",
-                      d.device(), " but deltas[0] is on ", deltas[0].device(),
-                      " (all deltas must be on one device)");
-    TORCH_CHECK_VALUE(g.device() == d.device(), "sign_step_: grads[", i, "] is on ", g.device(),
-                      " but deltas[", i, "] is on ", d.device());
-    TORCH_CHECK_VALUE(d.device().type() == device_type, "sign_step_: this kernel takes ",
-                      device_type, " tensors, got deltas[", i, "] on ", d.device());
-    const auto t = d.scalar_type();
-    TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
-                     "sign_step_: deltas[", i,
-                     "] must be float32, float64, float16 or bfloat16, got ", t);
-    TORCH_CHECK_TYPE(g.scalar_type() == t, "sign_step_: grads[", i, "] dtype ", g.scalar_type(),
-                     " must match deltas[", i, "] dtype ", t);
-    TORCH_CHECK_VALUE(g.sizes() == d.sizes(), "sign_step_: grads[", i, "] shape ", g.sizes(),
-                      " must equal deltas[", i, "] shape ", d.sizes());
-    const at::Tensor b = bound_tensor(bound_tensors, i);
-    if (b.defined()) {
-      TORCH_CHECK_VALUE(b.device() == d.device(), "sign_step_: bound_tensors[", i, "] is on ",
-                        b.device(), " but deltas[", i, "] is on ", d.device());
-      TORCH_CHECK_TYPE(b.scalar_type() == t, "sign_step_: bound_tensors[", i, "] dtype ",
-                       b.scalar_type(), " must match deltas[", i, "] dtype ", t);
-      TORCH_CHECK_VALUE(b.sizes() == d.sizes(), "sign_step_: bound_tensors[", i, "] shape ",
-                        b.sizes(), " must equal deltas[", i, "] shape ", d.sizes());
-    }
-    if (d.numel() == 0) continue;
-    TORCH_CHECK_VALUE(at::has_internal_overlap(d) != at::MemOverlap::Yes, "sign_step_: deltas[",
-                      i, "] has elements that share memory (an expanded view?); it cannot be ",
-                      "written");
-    spans.push_back({byte_span(d), i});
-    if (b.defined()) {
-      // The one check that reads data: a NaN bound would let NaN through the clamp's selects.
-      TORCH_CHECK_VALUE(at::isfinite(b).logical_and(b.ge(0)).all().item<bool>(),
-                        "sign_step_: bound_tensors[", i, "] must be finite and >= 0 everywhere ",
-                        "(it has a negative, NaN or infinite entry)");
-      bound_spans.push_back({byte_span(b), i});
-    }
-  }
-  std::sort(spans.begin(), spans.end());
-  for (size_t k = 1; k < spans.size(); ++k)
-    TORCH_CHECK_VALUE(spans[k].first.first >= spans[k - 1].first.second, "sign_step_: deltas[",
-                      spans[k - 1].second, "] and deltas[", spans[k].second,
-                      "] overlap in memory; every delta must be a separate tensor");
-  for (const auto& bs : bound_spans)
-    for (const auto& ds : spans)
-      TORCH_CHECK_VALUE(bs.first.first >= ds.first.second || ds.first.first >= bs.first.second,
-                        "sign_step_: bound_tensors[", bs.second, "] shares memory with deltas[",
-                        ds.second, "], which is written");
-}
 
 namespace {
 
@@ -145,7 +57,10 @@ void sign_step_cpu(at::TensorList deltas, at::TensorList grads, double eta,
                    at::ArrayRef<double> bounds, const BoundTensors& bound_tensors) {
   // The ATen calls below (contiguous copies) are implementation details: keep autograd out.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_sign_step(deltas, grads, eta, bounds, bound_tensors, c10::DeviceType::CPU);
+  check_sign_step(deltas, grads, eta, bounds, bound_tensors);
+  TORCH_CHECK_VALUE(deltas.empty() || deltas[0].is_cpu(),
+                    "sign_step_: this kernel takes CPU tensors, got deltas[0] on ",
+                    deltas[0].device());
   // Contiguous working copies where needed; non-contiguous deltas are written back at the end.
   std::vector<at::Tensor> work(deltas.size()), grad(deltas.size()), bound(deltas.size());
   std::vector<Job> jobs(deltas.size());
@@ -185,12 +100,8 @@ void sign_step_ad_inplace_or_view(c10::DispatchKeySet keys, at::TensorList delta
                              .findSchemaOrThrow("cimext::sign_step_", "")
                              .typed<void(at::TensorList, at::TensorList, double,
                                          at::ArrayRef<double>, const BoundTensors&)>();
-  // Outside inference mode (which skips this kernel) an inference tensor has no version counter:
-  // refuse it before anything is written, as ATen's in-place ops do.
-  for (size_t i = 0; i < deltas.size(); ++i)
-    TORCH_CHECK(!deltas[i].is_inference(), "sign_step_: deltas[", i,
-                "] is an inference tensor; in-place updates of it are only allowed inside "
-                "torch.inference_mode()");
+  // Inference tensors (no version counter) are refused by check_sign_step in the kernel,
+  // before anything is written.
   {
     at::AutoDispatchBelowADInplaceOrView below;
     op.redispatch(keys & c10::after_ADInplaceOrView_keyset, deltas, grads, eta, bounds,

@@ -8,7 +8,7 @@
 
 #include <tuple>
 
-#include "../cpu/bitflip_common.h"  // check_bitflip: one validation for every backend
+#include "../common/checks.h"  // check_bitflip: one validation for every backend
 #include "../kernels/bitflip_cuda.cuh"
 
 namespace cimext::cuda {
@@ -18,7 +18,7 @@ at::Tensor bitflip_cuda_(at::Tensor& t, double p01, double p10, int64_t mask, in
                          int64_t layer_id, bool zero_nonfinite) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   BitflipParams p;
-  const bool any = cpu::check_bitflip(t, p01, p10, mask, layer_id, zero_nonfinite, &p);
+  const bool any = check_bitflip(t, p01, p10, mask, layer_id, zero_nonfinite, true, &p);
   TORCH_CHECK_VALUE(t.is_cuda(), "bitflip: this kernel takes CUDA tensors, got t on ",
                     t.device());
   at::Tensor flips = at::zeros({}, t.options().dtype(at::kLong));
@@ -29,7 +29,7 @@ at::Tensor bitflip_cuda_(at::Tensor& t, double p01, double p10, int64_t mask, in
   at::Tensor work = t.is_contiguous() ? t : t.contiguous();
   auto* count = reinterpret_cast<unsigned long long*>(flips.data_ptr<int64_t>());
   void* data = work.data_ptr();
-  switch (cpu::bitflip_width(t.scalar_type())) {
+  switch (bitflip_width(t.scalar_type())) {
     case 32:
       C10_CUDA_CHECK(launch_bitflip(p, static_cast<uint32_t*>(data), count, stream));
       break;
@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> bitflip_cuda(const at::Tensor& t, double p01,
                                                 int64_t mask, int64_t seed, int64_t layer_id,
                                                 bool zero_nonfinite) {
   BitflipParams p;
-  cpu::check_bitflip(t, p01, p10, mask, layer_id, zero_nonfinite, &p);  // before the copy
+  check_bitflip(t, p01, p10, mask, layer_id, zero_nonfinite, false, &p);  // before the copy
   at::Tensor out = t.clone(at::MemoryFormat::Contiguous);
   at::Tensor flips = bitflip_cuda_(out, p01, p10, mask, seed, layer_id, zero_nonfinite);
   return {out, flips};

@@ -9,20 +9,8 @@
 
 #include <vector>
 
+#include "../common/hdiag_checks.h"  // the hdiag checks: one validation for every backend
 #include "../kernels/hdiag_cuda.cuh"
-
-namespace cimext::cpu {
-// Defined in csrc/cpu/hdiag.cpp: one validation, one message, for every backend.
-void check_hdiag_linear(const at::Tensor& x, const at::Tensor& s, c10::DeviceType dt);
-void check_curv_backward_linear(const at::Tensor& s, const at::Tensor& w, c10::DeviceType dt);
-void check_hdiag_conv2d(const at::Tensor& x, const at::Tensor& s, at::IntArrayRef kernel,
-                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                        int64_t groups, c10::DeviceType dt);
-void check_curv_backward_conv2d(const at::Tensor& s, const at::Tensor& w,
-                                at::IntArrayRef input_size, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                c10::DeviceType dt);
-}  // namespace cimext::cpu
 
 namespace cimext::cuda {
 namespace {
@@ -36,7 +24,7 @@ ConvGeom geom(const at::Tensor& s, int64_t N, int64_t C, int64_t H, int64_t W, i
 }
 
 at::Tensor hdiag_linear_cuda(const at::Tensor& x_in, const at::Tensor& s_in) {
-  cpu::check_hdiag_linear(x_in, s_in, c10::DeviceType::CUDA);
+  check_hdiag_linear(x_in, s_in, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t in = x_in.size(-1), out = s_in.size(-1);
   const at::Tensor x = x_in.reshape({-1, in}).contiguous();
@@ -51,7 +39,7 @@ at::Tensor hdiag_linear_cuda(const at::Tensor& x_in, const at::Tensor& s_in) {
 }
 
 at::Tensor curv_backward_linear_cuda(const at::Tensor& s_in, const at::Tensor& w_in) {
-  cpu::check_curv_backward_linear(s_in, w_in, c10::DeviceType::CUDA);
+  check_curv_backward_linear(s_in, w_in, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(s_in.device());
   const int64_t out = w_in.size(0), in = w_in.size(1);
   const at::Tensor s = s_in.reshape({-1, out}).contiguous(), w = w_in.contiguous();
@@ -69,7 +57,7 @@ at::Tensor curv_backward_linear_cuda(const at::Tensor& s_in, const at::Tensor& w
 at::Tensor hdiag_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& s_in,
                              at::IntArrayRef kernel, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  cpu::check_hdiag_conv2d(x_in, s_in, kernel, stride, padding, dilation, groups,
+  check_hdiag_conv2d(x_in, s_in, kernel, stride, padding, dilation, groups,
                           c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), s = s_in.contiguous();
@@ -89,7 +77,7 @@ at::Tensor curv_backward_conv2d_cuda(const at::Tensor& s_in, const at::Tensor& w
                                      at::IntArrayRef input_size, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation,
                                      int64_t groups) {
-  cpu::check_curv_backward_conv2d(s_in, w_in, input_size, stride, padding, dilation, groups,
+  check_curv_backward_conv2d(s_in, w_in, input_size, stride, padding, dilation, groups,
                                   c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(s_in.device());
   const at::Tensor s = s_in.contiguous(), w = w_in.contiguous();

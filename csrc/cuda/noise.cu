@@ -1,5 +1,5 @@
 // cimext::noise on CUDA: ΔW of a weight for every seed, shape (S, *weight.shape), in one launch.
-// Also defines the operand checks and the row-tile launcher that perturbed_linear.cu and
+// Also defines the row-tile launcher that perturbed_linear.cu and
 // perturbed_conv2d.cu share (declared in perturbed_tiles.cuh).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -10,7 +10,7 @@
 
 #include "cuda_types.cuh"
 
-#include "../cpu/noise_common.h"  // make_spec: one validation of the noise arguments everywhere
+#include "../common/checks.h"  // make_spec, check_operands: one validation for every backend
 #include "../kernels/noise_cuda.cuh"
 #include "perturbed_tiles.cuh"
 
@@ -33,23 +33,8 @@ const uint8_t* mask_ptr(const at::Tensor& m) {
   return m.defined() ? static_cast<const uint8_t*>(m.const_data_ptr()) : nullptr;
 }
 
-void check_weight(const char* what, const at::Tensor& weight) {
-  TORCH_CHECK(weight.is_cuda(), what, ": weight must be a CUDA tensor, got ", weight.device());
-  const auto t = weight.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, what,
-              ": weight must be float32, float64, float16 or bfloat16, got ", t);
-}
-
-void check_like_weight(const char* what, const char* name, const at::Tensor& t,
-                       const at::Tensor& weight) {
-  TORCH_CHECK(t.device() == weight.device(), what, ": ", name, " is on ", t.device(),
-              " but weight is on ", weight.device());
-  TORCH_CHECK(t.scalar_type() == weight.scalar_type(), what, ": ", name, " dtype ",
-              t.scalar_type(), " must match weight dtype ", weight.scalar_type());
-}
-
 // Writes ΔW for every seed into `out`, a contiguous (S, *weight.shape) tensor like weight.
-void noise_into(const cpu::NoiseSpec& spec, const at::Tensor& weight, at::Tensor& out) {
+void noise_into(const NoiseSpec& spec, const at::Tensor& weight, at::Tensor& out) {
   const at::Tensor w = weight.contiguous();
   const int64_t S = static_cast<int64_t>(spec.seeds.size()), n = w.numel();
   if (n == 0) return;
@@ -74,8 +59,8 @@ at::Tensor noise_cuda(const at::Tensor& weight, const at::Tensor& seeds, int64_t
                       double verified_sigma, double th, bool verify,
                       const std::optional<at::Tensor>& verify_mask) {
   check_weight("noise", weight);
-  const cpu::NoiseSpec spec =
-      cpu::make_spec("noise", weight, seeds, layer_id, mode, scale, weight_bits, bits_per_device,
+  const NoiseSpec spec =
+      make_spec("noise", weight, seeds, layer_id, mode, scale, weight_bits, bits_per_device,
                      sigma, level_sigma, verified_sigma, th, verify, verify_mask);
   const c10::cuda::CUDAGuard guard(weight.device());
   std::vector<int64_t> shape{static_cast<int64_t>(spec.seeds.size())};
@@ -91,10 +76,10 @@ void noise_out_cuda(const at::Tensor& weight, const at::Tensor& seeds, int64_t l
                     double verified_sigma, double th, bool verify,
                     const std::optional<at::Tensor>& verify_mask, at::Tensor out) {
   check_weight("noise", weight);
-  const cpu::NoiseSpec spec =
-      cpu::make_spec("noise", weight, seeds, layer_id, mode, scale, weight_bits, bits_per_device,
+  const NoiseSpec spec =
+      make_spec("noise", weight, seeds, layer_id, mode, scale, weight_bits, bits_per_device,
                      sigma, level_sigma, verified_sigma, th, verify, verify_mask);
-  cpu::check_noise_out(weight, static_cast<int64_t>(spec.seeds.size()), out);
+  check_noise_out(weight, static_cast<int64_t>(spec.seeds.size()), out);
   const c10::cuda::CUDAGuard guard(weight.device());
   if (out.is_contiguous()) {
     noise_into(spec, weight, out);
@@ -106,22 +91,6 @@ void noise_out_cuda(const at::Tensor& weight, const at::Tensor& seeds, int64_t l
 }
 
 }  // namespace
-
-void check_operands(const char* what, const at::Tensor& x, const at::Tensor& weight,
-                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& delta) {
-  check_weight(what, weight);
-  check_like_weight(what, "x", x, weight);
-  if (bias.has_value()) {
-    check_like_weight(what, "bias", *bias, weight);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), what,
-                ": bias must have shape (", weight.size(0), "), got ", bias->sizes());
-  }
-  if (delta.has_value()) {
-    check_like_weight(what, "delta", *delta, weight);
-    TORCH_CHECK(delta->sizes() == weight.sizes(), what, ": delta shape ", delta->sizes(),
-                " must equal weight shape ", weight.sizes());
-  }
-}
 
 static_assert(kMaxChunk <= kMaxRangeStreams, "a chunk's seeds must fit in one launch");
 

@@ -5,7 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../cpu/noise_common.h"
+#include "../common/checks.h"
 #include "../kernels/noise.h"
 #include "perturbed_tiles.cuh"
 
@@ -24,20 +24,11 @@ at::Tensor perturbed_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   // The ATen calls below are implementation details: keep autograd out of them (the out= GEMMs
   // refuse inputs that require grad otherwise).
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK(weight.dim() == 2, "perturbed_linear: weight must be 2-D (out, in), got shape ",
-              weight.sizes());
-  check_operands("perturbed_linear", x, weight, bias, delta);
-  const cpu::NoiseSpec spec = cpu::make_spec("perturbed_linear", weight, seeds, layer_id, mode,
-                                             scale, weight_bits, bits_per_device, sigma,
-                                             level_sigma, verified_sigma, th, verify, verify_mask);
+  const NoiseSpec spec = check_perturbed_linear(x, weight, bias, delta, x_stacked, seeds,
+                                                layer_id, mode, scale, weight_bits,
+                                                bits_per_device, sigma, level_sigma,
+                                                verified_sigma, th, verify, verify_mask);
   const int64_t S = static_cast<int64_t>(spec.seeds.size());
-  TORCH_CHECK(x.dim() >= (x_stacked ? 2 : 1), "perturbed_linear: x must have at least ",
-              x_stacked ? 2 : 1, " dims, got shape ", x.sizes());
-  TORCH_CHECK(x.size(-1) == weight.size(1), "perturbed_linear: x.shape[-1]=", x.size(-1),
-              " must equal weight.shape[1]=", weight.size(1));
-  if (x_stacked)
-    TORCH_CHECK(x.size(0) == S, "perturbed_linear: with x_stacked, x.shape[0]=", x.size(0),
-                " must equal the number of seeds ", S);
 
   const c10::cuda::CUDAGuard guard(weight.device());
   const int64_t out_f = weight.size(0), in_f = weight.size(1);

@@ -15,10 +15,6 @@
 
 namespace cimext::cuda {
 
-// Device / dtype / shape checks of x, bias and delta against weight.
-void check_operands(const char* what, const at::Tensor& x, const at::Tensor& weight,
-                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& delta);
-
 // out[c] = W + δ + ΔW_c of flat elements i0 .. i0 + n - 1 for the first `count` of `streams`
 // (stream seeds), on the current CUDA stream. w, delta (may be undefined) and mask (may be
 // undefined) are the whole contiguous weight; out is contiguous with count * n elements.

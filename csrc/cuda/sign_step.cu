@@ -12,17 +12,20 @@
 
 #include <vector>
 
-#include "../cpu/sign_step_common.h"  // check_sign_step: one validation for every backend
+#include "../common/checks.h"  // check_sign_step: one validation for every backend
 #include "../kernels/sign_step_cuda.cuh"
 
 namespace cimext::cuda {
 namespace {
 
 void sign_step_cuda(at::TensorList deltas, at::TensorList grads, double eta,
-                    at::ArrayRef<double> bounds, const cpu::BoundTensors& bound_tensors) {
+                    at::ArrayRef<double> bounds, const BoundTensors& bound_tensors) {
   // The ATen calls below (contiguous copies) are implementation details: keep autograd out.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  cpu::check_sign_step(deltas, grads, eta, bounds, bound_tensors, c10::DeviceType::CUDA);
+  check_sign_step(deltas, grads, eta, bounds, bound_tensors);
+  TORCH_CHECK_VALUE(deltas.empty() || deltas[0].is_cuda(),
+                    "sign_step_: this kernel takes CUDA tensors, got deltas[0] on ",
+                    deltas[0].device());
   if (deltas.empty()) return;
   const c10::cuda::CUDAGuard guard(deltas[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -32,7 +35,7 @@ void sign_step_cuda(at::TensorList deltas, at::TensorList grads, double eta,
   for (size_t i = 0; i < count; ++i) {
     work[i] = deltas[i].is_contiguous() ? deltas[i] : deltas[i].contiguous();
     grad[i] = grads[i].contiguous();
-    const at::Tensor b = cpu::bound_tensor(bound_tensors, i);
+    const at::Tensor b = bound_tensor(bound_tensors, i);
     if (b.defined()) bound[i] = b.contiguous();
   }
   // One launch sequence per dtype present (usually one).
