@@ -305,6 +305,13 @@ LISTED: list[tuple[str, list[str]]] = [
     ("montecarlo --sigma without --unverified", ["montecarlo", "--sigma", "0.1"]),
     ("montecarlo --unverified --sigma -1", ["montecarlo", "--unverified", "--sigma", "-1"]),
     ("montecarlo --th-g 0", ["montecarlo", "--run", "{run}", "--th-g", "0"]),
+    ("montecarlo --tail 1.5", ["montecarlo", "--run", "{run}", "--tail", "1.5"]),
+    ("montecarlo --tail -0.1", ["montecarlo", "--run", "{run}", "--tail", "-0.1"]),
+    ("montecarlo --tail x", ["montecarlo", "--run", "{run}", "--tail", "x"]),
+    ("montecarlo --tail empty", ["montecarlo", "--run", "{run}", "--tail", ","]),
+    ("montecarlo --tail nan", ["montecarlo", "--run", "{run}", "--tail", "nan"]),
+    ("montecarlo --tail-n 0", ["montecarlo", "--run", "{run}", "--tail", "0.9", "--tail-n", "0"]),
+    ("montecarlo --tail-method", ["montecarlo", "--tail", "0.9", "--tail-method", "magic"]),
     ("compare --methods", ["compare", "--methods", "vanilla,magic"]),
     ("compare --methods twice", ["compare", "--methods", "vanilla,vanilla"]),
     ("compare --methods empty", ["compare", "--methods", ","]),
@@ -442,6 +449,24 @@ def test_second_worst_case_run_keeps_nothing_of_the_first(tmp_path, trained_run)
     assert not (out / "flwc").exists() and (out / "pgd").is_dir()
     assert list(json.loads((out / "report.json").read_text())["results"]) == ["pgd"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wc"]  # no temporary folder left
+
+
+def test_montecarlo_tail(tmp_path, trained_run, capsys):
+    """--tail adds P(accuracy <= a) rows, a "tail" list in the JSON (one entry per accuracy, in
+    [0, 1] with an interval around it) and tail.png."""
+    from cimext.cli import main
+
+    out = tmp_path / "mc"
+    argv = ["montecarlo", "--run", str(trained_run), "--n", "4", "--quiet", "--out", str(out)]
+    argv += ["--tail", "0.5,0.99", "--tail-method", "mc", "--tail-n", "6"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "P(acc <= 50.00%)" in printed and "P(acc <= 99.00%)" in printed
+    tail = json.loads((out / "montecarlo.json").read_text())["tail"]
+    assert [t["threshold"] for t in tail] == [0.5, 0.99]
+    for t in tail:
+        assert 0 <= t["ci"][0] <= t["p"] <= t["ci"][1] <= 1 and t["method"] == "mc"
+    assert (out / "tail.png").stat().st_size > 0
 
 
 def test_failed_run_leaves_the_previous_folder(tmp_path, trained_run, files, monkeypatch):

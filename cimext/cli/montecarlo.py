@@ -3,9 +3,11 @@
 Evaluates --n device instances of the model of a `cimext train --out` folder (--run) or of the
 dataset's default model (trained on first use, then cached) and writes montecarlo.json (every
 instance's accuracy, the summary, the settings and seeds that reproduce it) and montecarlo.png
-(the histogram) into --out, with a summary table on the terminal. The population is the
-write-verified one the worst-case methods are compared with (DeviceModel.verified(--th-g)), or
-with --unverified the model's own devices (--sigma overrides their sigma).
+(the histogram) into --out, with a summary table on the terminal. ``--tail 0.9,0.8`` adds
+P(accuracy <= a) for each a (cimext.worstcase.tail_probability, --tail-method subset|is|mc) to
+the table and the JSON and draws the tail curve (tail.png). The population is the write-verified
+one the worst-case methods are compared with (DeviceModel.verified(--th-g)), or with
+--unverified the model's own devices (--sigma overrides their sigma).
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ import time
 
 from .. import data, zoo
 from ..device import DeviceModel
-from ..worstcase import monte_carlo
+from ..worstcase import monte_carlo, tail_report
+from ..worstcase.tail import plot_tail
 from . import _common as C
 from .worst_case import add_run_option, load_model
+
+# The estimators --tail-method offers (cimext.worstcase.tail_probability's methods).
+TAIL_METHODS = ("subset", "is", "mc")
 
 # The quantiles of the summary table and JSON.
 QUANTILES = (0.001, 0.01, 0.05, 0.5)
@@ -54,8 +60,27 @@ def add_parser(sub) -> None:
     p.add_argument("--bins", type=int, default=40, help="histogram bins")
     p.add_argument("--seed", type=C.seed, default=0, help="seed of the device instances")
     C.add_output_options(p, "runs/montecarlo", "montecarlo.json, montecarlo.png")
-    # Options that add analyses of the same population (issue 16: --tail) go here; each adds
-    # one entry to the record and rows to the table in run().
+    # Options that add analyses of the same population; each adds one entry to the record and
+    # rows to the table in run().
+    p.add_argument(
+        "--tail",
+        default=None,
+        help="also estimate P(accuracy <= a) at these accuracies, e.g. 0.9 or 0.9,0.8,0.5 "
+        "(cimext.worstcase.tail_probability; writes tail.png)",
+    )
+    p.add_argument(
+        "--tail-method",
+        default="subset",
+        choices=TAIL_METHODS,
+        help="estimator of --tail: subset simulation (default: the one whose interval reaches "
+        "1e-6 on LeNet), importance sampling along the F-LWC direction, or plain Monte Carlo",
+    )
+    p.add_argument(
+        "--tail-n",
+        type=int,
+        default=1000,
+        help="--tail budget: instances (is, mc) or samples per level (subset)",
+    )
     p.set_defaults(run=run, trains=False)
 
 
@@ -73,7 +98,11 @@ def population(a: argparse.Namespace, net) -> DeviceModel:
 
 def check(a: argparse.Namespace) -> None:
     """Every option's value, before any model is trained or loaded."""
-    C.at_least(a, 1, "n", "batch_size", "bins")
+    C.at_least(a, 1, "n", "batch_size", "bins", "tail_n")
+    if a.tail is not None:
+        a.tail = C.floats(a.tail, "--tail")
+        if any(not 0 <= t <= 1 for t in a.tail):
+            raise C.CLIError(f"--tail accuracies must lie in [0, 1], got {a.tail}")
     C.finite_positive(a, "th_g", "sigma")
     if a.sigma is not None and not a.unverified:
         raise C.CLIError("--sigma applies to --unverified devices only")
@@ -101,12 +130,45 @@ def run(a: argparse.Namespace) -> int:
         seconds=time.perf_counter() - t0,
     )
     rows = table_rows(mc)
+    tails = None
+    if a.tail is not None:
+        tails = tail_report(
+            net,
+            loader,
+            device,
+            a.tail,
+            n=a.tail_n,
+            method=a.tail_method,
+            seed=a.seed,
+            progress=not a.quiet,
+        )
+        result["tail"] = [json.loads(t.to_json()) for t in tails]
+        rows += tail_rows(tails)
+    written = "montecarlo.json, montecarlo.png" + (", tail.png" if tails else "")
     with C.output_folder(a.out) as out:
         C.write_json(out / "montecarlo.json", result)
         histogram(mc, out / "montecarlo.png", a.bins, f"{record.get('model')} on {dataset}")
+        if tails:
+            plot_tail(tails, out / "tail.png", accuracies=mc.accuracies)
     print(format_table(rows, f"Monte Carlo: {a.n} instances, {result['population']}"))
-    print(f"written: {a.out}/montecarlo.json, montecarlo.png")
+    print(f"written: {a.out}/{written}")
     return 0
+
+
+def tail_rows(tails) -> list[tuple[str, str]]:
+    """One row per --tail accuracy: P(accuracy <= a), its 95% interval, the budget spent and
+    whether the estimator's own diagnostics trust the interval."""
+    rows = []
+    for t in tails:
+        lo, hi = t.ci
+        trust = "" if t.trusted else "  (interval not trusted: see montecarlo.json notes)"
+        rows.append(
+            (
+                f"P(acc <= {100 * t.threshold:.2f}%)",
+                f"{t.p:.3g} [{lo:.3g}, {hi:.3g}] {t.method}, n={t.n}{trust}",
+            )
+        )
+    return rows
 
 
 def _json(mc) -> dict:

@@ -39,8 +39,10 @@ from torch import nn
 
 from .. import distributed
 from .. import reference as ref
+from .._util import device_dict
+from .._util import progress as _bar
 from ..device import DeviceModel
-from .monte_carlo import _device_dict, _population, _progress, _shard, instance_seeds, monte_carlo
+from .monte_carlo import _population, _shard, instance_seeds, monte_carlo
 
 Z95 = 1.959963984540054
 # Trust rules of the importance-sampling interval, fixed before any figure was measured (the usual
@@ -330,7 +332,7 @@ def _tilted_accuracies(
     rank, world = distributed.rank(), distributed.world_size()
     mine = _shard(count, rank, world)
     acc = torch.zeros(count, dtype=torch.float64)
-    bar = _progress(None, progress and rank == 0, len(mine), "tilted instances")
+    bar = _bar(total=len(mine), desc="tilted instances", enabled=progress and rank == 0)
     with _population(model, device):
         for i in mine:
             eps = [
@@ -359,7 +361,8 @@ def wilson(hits: int, n: int) -> tuple[float, float]:
     z2 = Z95 * Z95
     c = (ph + z2 / (2 * n)) / (1 + z2 / n)
     h = Z95 * math.sqrt(ph * (1 - ph) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return (max(0.0, c - h), min(1.0, c + h))
+    # the exact interval holds hits/n (c ± h only misses it by rounding at 0 or n hits)
+    return (max(0.0, min(c - h, ph)), min(1.0, max(c + h, ph)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -599,7 +602,7 @@ def _subset(model, batches, device, threshold, n, seed, progress, p0, rho):
         return torch.cat([e.reshape(-1) for e in instance_eps(layers, s)])
 
     evals = 0
-    bar = _progress(None, progress, None, "subset simulation")
+    bar = _bar(desc="subset simulation", enabled=progress)
 
     def score(v: torch.Tensor) -> tuple[float, float]:
         nonlocal evals
@@ -829,7 +832,7 @@ def tail_probability(
         seconds=time.perf_counter() - t0,
         clean_accuracy=clean_acc,
         seed=int(seed),
-        device=_device_dict(device),
+        device=device_dict(device),
         samples=samples,
         settings=dict(requested_method=method, n_argument=int(n), ranks=distributed.world_size()),
         **out,
