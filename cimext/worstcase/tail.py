@@ -340,10 +340,8 @@ def _tilted_accuracies(
                 for e, d in zip(instance_eps(layers, seeds[i]), dirs, strict=True)
             ]
             acc[i] = _evaluate(model, batches, tilted_noise_reference(layers, eps, device), 1)[0]
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+    bar.close()
     if world > 1:
         for lo, vals in distributed.all_gather_object((mine.start, acc[mine].tolist())):
             acc[lo : lo + len(vals)] = torch.tensor(vals, dtype=torch.float64)
@@ -607,8 +605,7 @@ def _subset(model, batches, device, threshold, n, seed, progress, p0, rho):
     def score(v: torch.Tensor) -> tuple[float, float]:
         nonlocal evals
         evals += 1
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
         return _evaluate(model, batches, tilted_noise_reference(layers, unflat(v), device), need)
 
     nc = max(1, round(p0 * n))
@@ -676,8 +673,7 @@ def _subset(model, batches, device, threshold, n, seed, progress, p0, rho):
         fails = int((S <= 0).sum())
         pm = fails / n
         gamma = _chain_gamma(prev, 0.0) if prev else 0.0
-    if bar is not None:
-        bar.close()
+    bar.close()
     p = math.exp(logp) * pm
     notes = []
     if pm > 0:
