@@ -216,7 +216,7 @@ OPTIONS = {
         True,
     ),
     "demo": (["--mc-n"], [], True),
-    "reproduce": ([], [], False),
+    "reproduce": (["--eval-images", "--mc-n", "--epochs"], [], False),
     "bench": ([], [], False),
 }
 
@@ -353,6 +353,11 @@ LISTED: list[tuple[str, list[str]]] = [
     ("reproduce --parts", ["reproduce", "--parts", "everything"]),
     ("reproduce --parts empty", ["reproduce", "--parts", ","]),
     ("reproduce --dataset imagenet", ["reproduce", "--dataset", "imagenet"]),
+    ("reproduce --seeds x", ["reproduce", "--seeds", "0,x"]),
+    ("reproduce --seeds repeated", ["reproduce", "--seeds", "1,1"]),
+    ("reproduce --seeds negative", ["reproduce", "--seeds=-1"]),
+    ("reproduce --seeds empty", ["reproduce", "--seeds", ","]),
+    ("reproduce --root", ["reproduce", "--root", "{tmp}"]),
     ("demo --th-g 0", ["demo", "--th-g", "0"]),
     ("demo --th-g x", ["demo", "--th-g", "x"]),
 ]
@@ -506,7 +511,7 @@ def test_ctrl_c_messages(tmp_path, trained_run, monkeypatch, capsys):
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert "training resumes" not in err and len(err.strip().splitlines()) == 1
-    monkeypatch.setattr(rep_cli, "run_study", boom)
+    monkeypatch.setattr(rep_cli.R, "reproduce", boom)
     assert main(["reproduce", "--quick", "--out", str(tmp_path / "r")]) == 130
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "resumes" in err

@@ -1,265 +1,99 @@
-"""``cimext reproduce``: every study of the library on one data set, and one results table.
+"""``cimext reproduce``: the paper's studies on one data set over 3 seeds, and one results table.
 
-Runs, each into its own folder under --out, the subcommands behind the README's results table:
-
-1. ``worst-case``: LWC vs weight PGD vs Monte Carlo, and F-LWC vs LWC (the default LeNet, 4-bit);
-2. ``compare``: vanilla / VA / TRICE / A-TRICE training and their LWC worst cases;
-3. ``write-verify``: U-SWIM vs SWIM vs magnitude selective write-verify (pulses at equal accuracy);
-4. ``bitflip``: bit-flip midpoints per storage dtype and bit set;
-
-then gathers their JSON into ``results.json`` and ``results.md`` (Markdown tables) and prints
-the tables. ``--quick`` shrinks every study (fewer epochs, instances, seeds) to check the pipeline
-in minutes; the full run is what the README's table shows. ``--parts`` picks studies. An
-interrupted run keeps its finished studies: the same command again resumes with the next one.
+A thin layer over :func:`cimext.reproduce.reproduce`: per seed it trains LeNet (4-bit weights
+and inputs) with vanilla, VA, TRICE, adversarial and A-TRICE training and sweeps their worst
+cases over th_g (Tables V/VI, Fig. 8), compares Monte Carlo, weight PGD, F-LWC, LWC and the
+ensemble on the vanilla model (Tables I and IV), runs U-SWIM vs SWIM vs magnitude vs random
+selective write-verify over device sigma, and finds bit-flip midpoints per storage dtype. It
+writes ``results.json``, ``results.md`` and figures into --out. A killed run resumes where it
+stopped when the same command is run again; a study that fails is marked failed in the table
+and the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
+from .. import reproduce as R
 from . import _common as C
-from . import bitflip, compare, worst_case, write_verify
-
-PARTS = ("worst-case", "compare", "write-verify", "bitflip")
-MODULES = {
-    "worst-case": worst_case,
-    "compare": compare,
-    "write-verify": write_verify,
-    "bitflip": bitflip,
-}
-# The JSON file each study writes last: its presence means the study finished.
-RESULT_FILES = {
-    "worst-case": "report.json",
-    "compare": "compare.json",
-    "write-verify": "write_verify.json",
-    "bitflip": "bitflip.json",
-}
-STATE = "reproduce-state.json"
 
 
 def add_parser(sub) -> None:
     """Register the ``reproduce`` subcommand."""
     p = sub.add_parser(
         "reproduce",
-        help="run every study (worst case, training, write-verify, bit flips) and tabulate",
+        help="the paper's studies over 3 seeds (worst case, training, write-verify, bit flips)",
         description=__doc__.split("\n\n")[0],
     )
     C.add_data_options(p, model=False)
     p.set_defaults(dataset="fashion-mnist")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {','.join(PARTS)}")
+    p.add_argument(
+        "--parts", default=",".join(R.PARTS), help=f"comma-separated: {','.join(R.PARTS)}"
+    )
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
+    p.add_argument(
+        "--eval-images",
+        type=int,
+        default=None,
+        help="test images the worst-case, write-verify and bit-flip studies use (default 2000)",
+    )
+    p.add_argument("--mc-n", type=int, default=None, help="Monte Carlo instances (default 10000)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
     p.add_argument("--quick", action="store_true", help="small settings (a pipeline check)")
-    C.add_output_options(p, "runs/reproduce", "one folder per study, results.md, results.json")
+    C.add_output_options(p, "runs/reproduce", "results.md, results.json, figures, cache/")
     p.set_defaults(run=run, trains=False)
 
 
-def _commands(a, out: Path) -> dict[str, list[str]]:
-    q = a.quick
-    common = ["--dataset", a.dataset, "--model", "lenet"]
+def _plan(a: argparse.Namespace) -> dict:
     if a.root:
-        common += ["--root", a.root]
-    if a.quiet:
-        common.append("--quiet")
-    return {
-        "worst-case": [
-            "worst-case",
-            *common,
-            "--quant",
-            "4,4",
-            "--method",
-            "all",
-            "--mc-n",
-            "200" if q else "1000",
-            "--out",
-            str(out / "worst-case"),
-        ],
-        "compare": [
-            "compare",
-            *common,
-            "--quant",
-            "4,4",
-            "--methods",
-            "vanilla,va,trice,atrice",
-            "--epochs",
-            "2" if q else "10",
-            "--th-g",
-            "0.01,0.02,0.03",
-            "--eval-samples",
-            "300" if q else "1000",
-            "--lwc-steps",
-            "5" if q else "30",
-            "--search-steps",
-            "2" if q else "6",
-            "--out",
-            str(out / "compare"),
-        ],
-        "write-verify": [
-            "write-verify",
-            *common,
-            "--epochs",
-            "2" if q else "5",
-            "--instances",
-            "20" if q else "100",
-            "--out",
-            str(out / "write-verify"),
-        ],
-        "bitflip": [
-            "bitflip",
-            *common,
-            "--epochs",
-            "2" if q else "5",
-            "--dtypes",
-            "float32,float16,int8",
-            "--bits",
-            "all,exponent,mantissa",
-            "--seeds",
-            "1" if q else "3",
-            "--test-samples",
-            "300" if q else "2000",
-            "--out",
-            str(out / "bitflip"),
-        ],
-    }
-
-
-_load = C.read_json
-
-
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * float(v):.2f}%"
-
-
-def tables(out: Path) -> tuple[str, dict]:
-    """Markdown tables from the studies' JSON files under ``out`` (missing studies are skipped)."""
-    md, summary = [], {}
-    wc = _load(out / "worst-case" / "report.json")
-    if wc:
-        md += [
-            f"### Worst case at th_g = {wc['th_g']:g} (LeNet 4-bit)",
-            "",
-            "| method | accuracy | time (s) |",
-            "|---|---|---|",
-        ]
-        for r in wc["table"]:
-            t = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
-            md.append(f"| {r['label']} | {_pct(r['accuracy'])} | {t} |")
-        md.append("")
-        summary["worst_case"] = wc["table"]
-    cmp_ = _load(out / "compare" / "compare.json")
-    if cmp_:
-        main = f"{cmp_['main_th_g']:g}"
-        md += [
-            f"### Training methods: clean and LWC worst case at th_g = {main}",
-            "",
-            "| method | clean | worst case |",
-            "|---|---|---|",
-        ]
-        rows = []
-        for m in cmp_["methods"]:
-            runs = [r for r in cmp_["runs"] if r["method"] == m]
-            clean = sum(r["test_accuracy"] for r in runs) / max(len(runs), 1)
-            worst = sum(r["worst_case"][main] for r in runs) / max(len(runs), 1)
-            md.append(f"| {m} | {_pct(clean)} | {_pct(worst)} |")
-            rows.append(dict(method=m, clean=clean, worst_case=worst))
-        md.append("")
-        summary["compare"] = rows
-    wv = _load(out / "write-verify" / "write_verify.json")
-    if wv and isinstance(wv.get("speedup"), dict):
-        md += [
-            "### Selective write-verify: pulses saved at ≤ 0.5 point accuracy loss",
-            "",
-            "| method | speedup over full write-verify | fraction verified |",
-            "|---|---|---|",
-        ]
-        for m, sp in wv["speedup"].items():
-            if isinstance(sp, dict):
-                frac = sp.get("fraction")
-                speed = sp.get("speedup")
-                md.append(
-                    f"| {m} | {'n/a' if speed is None else f'{speed:.2f}x'} | "
-                    f"{'n/a' if frac is None else f'{100 * frac:.1f}%'} |"
-                )
-        md.append("")
-        summary["write_verify"] = wv["speedup"]
-    bf = _load(out / "bitflip" / "bitflip.json")
-    if bf and isinstance(bf.get("results"), list):
-        md += [
-            "### Bit-flip midpoints (flip probability at half the accuracy drop)",
-            "",
-            "| dtype | bits | midpoint p |",
-            "|---|---|---|",
-        ]
-        for r in bf["results"]:
-            m = r.get("midpoint")
-            md.append(
-                f"| {r.get('dtype')} | {r.get('bits')} | "
-                f"{'n/a' if m is None else f'{float(m):.3g}'} |"
-            )
-        md.append("")
-        summary["bitflip"] = [
-            dict(dtype=r.get("dtype"), bits=r.get("bits"), midpoint=r.get("midpoint"))
-            for r in bf["results"]
-        ]
-    return "\n".join(md), summary
-
-
-def run_study(part: str, argv: list[str]) -> int:
-    """Run one study's subcommand with ``argv`` (its options), parsed by its own parser."""
-    parser = C.Parser(prog="cimext")
-    MODULES[part].add_parser(parser.add_subparsers(dest="command"))
-    a = parser.parse_args(argv)
-    return a.run(a)
+        raise C.CLIError("--root is not supported by reproduce (it uses the installed data sets)")
+    parts = [x.strip() for x in a.parts.split(",") if x.strip()]
+    seeds = None
+    if a.seeds is not None:
+        try:
+            seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise C.CLIError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
+    over = {}
+    for opt, key in (("eval_images", "eval_images"), ("mc_n", "mc_n"), ("epochs", "epochs")):
+        v = getattr(a, opt)
+        if v is not None:
+            if v < 1:
+                raise C.CLIError(f"--{opt.replace('_', '-')} must be >= 1, got {v}")
+            over[key] = v
+    if "mc_n" in over:
+        over["mc_block"] = min(over["mc_n"], 100 if a.quick else 2000)
+    try:
+        return R.plan(a.dataset, quick=a.quick, seeds=seeds, parts=parts, **over)
+    except ValueError as e:
+        msg = str(e)
+        if msg.startswith("parts"):
+            msg = f"--parts must name some of {', '.join(R.PARTS)}; got {a.parts!r}"
+        elif msg.startswith("seeds"):
+            msg = f"--{msg}"
+        raise C.CLIError(msg) from None
 
 
 def run(a: argparse.Namespace) -> int:
     """The ``cimext reproduce`` command."""
-    parts = [p.strip() for p in a.parts.split(",") if p.strip()]
-    bad = [p for p in parts if p not in PARTS]
-    if bad or not parts:
-        raise C.CLIError(f"--parts must name some of {', '.join(PARTS)}; got {a.parts!r}")
-    with C.output_folder(a.out, resumable=True) as out:
-        cmds = _commands(a, out)
-        state = _load(out / STATE) or {}
-        done = set(state.get("done", [])) if state.get("commands") == cmds else set()
-        seconds = dict(state.get("seconds", {})) if done else {}
-        t0 = time.perf_counter()
-        for p in parts:
-            if p in done and (out / p / RESULT_FILES[p]).is_file():
-                print(f"== {p}: finished in an earlier run, kept", flush=True)
-                continue
-            print(f"== {p}: cimext {' '.join(cmds[p])}", flush=True)
-            t = time.perf_counter()
-            try:
-                code = run_study(p, cmds[p])
-            except KeyboardInterrupt:
-                raise C.Interrupted(
-                    f"the finished studies are kept in {C.partial_dir(Path(a.out))}; the same "
-                    "command resumes with the next one"
-                ) from None
-            seconds[p] = time.perf_counter() - t
-            if code != 0:
-                raise C.CLIError(
-                    f"the {p} study failed (exit {code}); its command is printed above"
-                )
-            done.add(p)
-            C.write_json(out / STATE, dict(commands=cmds, done=sorted(done), seconds=seconds))
-        md, summary = tables(out)
-        header = (
-            f"Produced by `cimext reproduce --dataset {a.dataset}{' --quick' if a.quick else ''}` "
-            f"in {time.perf_counter() - t0:.0f} s.\n\n"
-        )
-        C.write_text(out / "results.md", header + md)
-        record = dict(
-            dataset=a.dataset,
-            quick=a.quick,
-            parts=parts,
-            seconds=seconds,
-            commands=cmds,
-            summary=summary,
-        )
-        C.write_json(out / "results.json", record)
+    plan = _plan(a)
+    log = (lambda s: None) if a.quiet else (lambda s: print(s, flush=True))
+    with C.output_folder(a.out, resumable=True, keep="cache") as out:
+        try:
+            res = R.reproduce(out, plan, progress=not a.quiet, log=log)
+        except KeyboardInterrupt:
+            raise C.Interrupted(
+                f"the finished units are kept in {a.out}/cache; the same "
+                "command resumes where it stopped"
+            ) from None
     print()
-    print(md)
-    print(f"written: {a.out}/results.md, results.json")
+    print(R.tables(res))
+    total = res["seconds"]["total"]
+    print(
+        f"written: {a.out}/results.md, results.json, figures ({res['wall_seconds']:.0f} s this "
+        f"run, {total:.0f} s of units in all)"
+    )
+    if res["failed"]:
+        print(f"{len(res['failed'])} unit(s) failed; the same command retries them")
+        return 1
     return 0
