@@ -190,3 +190,40 @@ def test_cli_reproduce_runs_and_resumes(tmp_path, monkeypatch, capsys):
     again = json.loads((out / "results.json").read_text())
     assert again["worst_case"] == first["worst_case"]
     assert torch.isfinite(torch.tensor(again["worst_case"]["mc_min"])).all()
+
+
+def test_cli_ctrl_c_then_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle: exit 130, one line; the same command finishes the rest only."""
+    from cimext.cli import main
+    from cimext.cli import reproduce as rep_cli
+
+    monkeypatch.setattr(rep_cli.R, "plan", lambda dataset, **kw: tiny(parts=["worst-case"]))
+    real = R._mc_block
+    calls = []
+
+    def killed(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, "_mc_block", killed)
+    out = tmp_path / "r"
+    argv = ["reproduce", "--dataset", "digits", "--quiet", "--out", str(out)]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resumes" in err[0]
+    monkeypatch.setattr(R, "_mc_block", real)
+    logs = []
+    monkeypatch.setattr(R.Units, "__init__", _logging_init(R.Units.__init__, logs))
+    assert main(argv) == 0
+    assert logs == ["-- mc-seed0-10"]  # training, Table I and the first block were kept
+    r = json.loads((out / "results.json").read_text())
+    assert r["worst_case"]["mc_n"] == [20] and r["failed"] == {}
+
+
+def _logging_init(init, logs):
+    def wrapped(self, root, log=print):
+        init(self, root, lambda s: logs.append(s) if s.startswith("-- ") else None)
+
+    return wrapped
