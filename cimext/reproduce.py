@@ -156,6 +156,8 @@ class Units:
     def __call__(self, key: str, settings: dict, fn: Callable[[], dict], needs=()) -> dict:
         """The result of unit ``key``: from the cache when it was computed with ``settings``,
         else ``fn()`` (saved). Raises _Failed when it or a unit in ``needs`` failed."""
+        if key in self.failed:  # failed earlier in this run: do not spend the time again
+            raise _Failed(self.failed[key])
         missing = [n for n in needs if n in self.failed]
         if missing:
             self.failed[key] = f"needs {', '.join(missing)}, which failed"
@@ -212,17 +214,27 @@ def _calib_batches(p: dict, seed: int, n: int, batch: int = 256) -> list:
 
 # ----------------------------------------------------------------------------------- training
 def _train_settings(p: dict, method: str, seed: int, quant) -> dict:
+    """A training unit's settings. A method's entry in ``p["methods"]`` may carry ``epochs`` and
+    ``lr`` (its own) and ``init`` (the method whose model of the same seed it starts from, e.g.
+    A-TRICE fine-tuning the vanilla model); the rest are fit() keywords."""
+    ms = dict(p["methods"].get(method, {}))
+    epochs, lr, init = ms.pop("epochs", p["epochs"]), ms.pop("lr", p["lr"]), ms.pop("init", None)
     return dict(
         dataset=p["dataset"],
         model=p["model"],
         quant=quant,
         method=method,
         seed=seed,
-        epochs=p["epochs"],
+        epochs=epochs,
         batch_size=p["batch_size"],
-        lr=p["lr"],
-        method_settings=p["methods"].get(method, {}),
+        lr=lr,
+        method_settings=ms,
+        init=None if init is None else _train_settings(p, init, seed, quant),
     )
+
+
+def _model_name(s: dict) -> str:
+    return f"{'float-' if s['quant'] is None else ''}{s['method']}-seed{s['seed']}"
 
 
 def _model_dir(root: Path, name: str) -> Path:
@@ -233,6 +245,8 @@ def _train(root: Path, s: dict, name: str, progress: bool) -> dict:
     """Train one model as ``s`` says, save it under cache/models/``name``; its record."""
     quant = tuple(s["quant"]) if s["quant"] else None
     net = zoo.build(s["dataset"], s["model"], quant, seed=s["seed"])
+    if s["init"] is not None:  # fine-tune a model trained before (its unit ran first)
+        net.load_state_dict(_load(root, _model_name(s["init"])).state_dict())
     train = data.loader(s["dataset"], "train", s["batch_size"], seed=s["seed"])
     val = data.loader(s["dataset"], "val", 1024)
     test = data.loader(s["dataset"], "test", 1024)
@@ -276,14 +290,17 @@ def _load(root: Path, name: str):
 def _model(units: Units, root: Path, p: dict, method: str, seed: int, progress: bool, quant="p"):
     """(unit key, record) of the trained model, training it when needed."""
     q = p["quant"] if quant == "p" else quant
-    tag = "float-" if q is None else ""
-    key = f"train-{tag}{method}-seed{seed}"
     s = _train_settings(p, method, seed, q)
-    rec = units(key, s, lambda: _train(root, s, key[len("train-") :], progress))
-    if not (_model_dir(root, key[len("train-") :]) / "model.safetensors").is_file():
+    name = _model_name(s)
+    key = f"train-{name}"
+    needs = []
+    if s["init"] is not None:
+        needs.append(_model(units, root, p, s["init"]["method"], seed, progress, q)[0])
+    rec = units(key, s, lambda: _train(root, s, name, progress), needs=needs)
+    if not (_model_dir(root, name) / "model.safetensors").is_file():
         # The record survived but the weights did not (a damaged cache): train again.
         (units.dir / f"{key}.json").unlink(missing_ok=True)
-        rec = units(key, s, lambda: _train(root, s, key[len("train-") :], progress))
+        rec = units(key, s, lambda: _train(root, s, name, progress), needs=needs)
     return key, rec
 
 

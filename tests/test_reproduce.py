@@ -18,6 +18,7 @@ def tiny(**kw):
     p["write_verify"].update(sigmas=[0.3], instances=2, calib=64)
     p["bitflip"].update(cases=["float32", "mantissa_only", "int8"], noise_seeds=1, tol=0.5)
     p["th_gs"] = [0.02, 0.03]
+    p["methods"]["atrice"] = dict(p["methods"]["atrice"], init="vanilla", epochs=1, lr=1e-3)
     p.update(kw)
     return p
 
@@ -51,6 +52,10 @@ def test_schema(finished):
         worst = t[m]["worst"][0]
         assert len(worst) == 2 and worst[1] <= worst[0]  # a warm-started sweep never rises
     assert t["hyper_parameters"]["atrice"]["alpha"] == R.ATRICE_SETTINGS["alpha"]
+    # A-TRICE fine-tunes the vanilla model of its seed (init), with its own lr
+    rec = json.loads((root / "cache" / "units" / "train-atrice-seed0.json").read_text())
+    assert rec["settings"]["init"]["method"] == "vanilla" and rec["settings"]["lr"] == 1e-3
+    assert "init" not in rec["settings"]["method_settings"]
     wv = r["write_verify"]
     assert wv["sigma"] == [0.3]
     for m in R.WV_METHODS:
