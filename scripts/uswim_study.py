@@ -22,8 +22,78 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from cimext import data, zoo
-from cimext.writeverify import speedup_study
-from cimext.writeverify.sensitivity import GRANULARITIES, METHODS
+from cimext.nn import cim_layers, clean
+from cimext.worstcase.monte_carlo import instance_seeds
+from cimext.writeverify import hessian_diag, sensitivity, speedup_study
+from cimext.writeverify.hessian import effective_weight
+from cimext.writeverify.sensitivity import (
+    GRANULARITIES,
+    METHODS,
+    extra_pulses,
+    weight_variances,
+)
+from cimext.writeverify.study import NON_UNIFORM, _check_batches, _Evaluator, study_device
+
+
+@torch.no_grad()
+def explain(net, calib, test, sigma: float, speedup: float, instances: int, seed: int) -> dict:
+    """Why U-SWIM falls short at ``sigma`` (non-uniform, device granularity): the devices it can
+    verify within ``speedup``x fewer pulses than full write-verify (expected pulses, closed
+    form), the share of the second-order loss increase ½·H·ΔVar they remove, and the mean
+    accuracy there against full write-verify (same instances as the study)."""
+    layers = cim_layers(net)
+    device = study_device(layers[0][1].device, sigma, 0.1, NON_UNIFORM)
+    calib_b = _check_batches(calib, "calib", "cpu")
+    with clean(net):
+        with torch.enable_grad():
+            h = hessian_diag(net, calib_b)
+        sc = sensitivity(net, calib_b, device, "uswim", hessian=h, granularity="device")
+        ben, cost, score, msb = [], [], [], []
+        for n, m in layers:
+            w = effective_weight(m)
+            vu, vv = weight_variances(w, device, per_device=True)
+            ben.append((0.5 * h[n].double()[..., None] * (vu - vv)).reshape(-1))
+            cost.append(extra_pulses(w, device).reshape(-1))
+            score.append(sc[n].reshape(-1))
+            d = torch.zeros(*w.shape, device.devices, dtype=torch.bool)
+            d[..., -1] = True
+            msb.append(d.reshape(-1))
+        ben, cost, score, msb = map(torch.cat, (ben, cost, score, msb))
+        order = torch.argsort(score, descending=True, stable=True)
+        full = float((cost + 1).sum())
+        spent = cost.numel() + torch.cumsum(cost[order], 0)
+        k = int((spent <= full / speedup).sum())
+        capture = float(ben[order[:k]].sum() / ben.sum())
+        chosen = torch.zeros_like(msb)
+        chosen[order[:k]] = True
+        masks, i = {}, 0
+        for n, m in layers:
+            c = m.weight.numel() * device.devices
+            masks[n] = chosen[i : i + c].reshape(*m.weight.shape, device.devices)
+            i += c
+        test_b = _check_batches(test, "data", "cpu")
+        ev = _Evaluator(net, layers, test_b, device, instance_seeds(seed, instances), 100)
+        acc, pulses, _ = ev(masks)
+        acc_full, p_full, _ = ev(
+            {n: torch.ones(t.numel(), dtype=torch.bool) for n, t in ev.targets.items()}
+        )
+        acc_none, _, _ = ev(None)
+        # Devices needed for a share of the loss increase (the ranking's own curve).
+        cum = torch.cumsum(ben[order], 0) / ben.sum()
+        need = {str(q): float((cum < q).sum()) / cum.numel() for q in (0.8, 0.9, 0.95, 0.97, 0.99)}
+    return dict(
+        sigma=sigma,
+        speedup_budget=speedup,
+        devices_verified=k / cost.numel(),
+        msb_share_of_verified=float(msb[order[:k]].float().mean()) if k else 0.0,
+        loss_share_removed=capture,
+        accuracy=acc,
+        accuracy_full=acc_full,
+        accuracy_unverified=acc_none,
+        measured_speedup=p_full / pulses,
+        devices_for_loss_share=need,
+        loss_increase_unverified=float(ben.sum()),
+    )
 
 
 def subset(ds, n: int, seed: int):
@@ -83,6 +153,13 @@ def main(argv=None) -> None:
     p.add_argument("--hessian-instances", type=int, default=0)
     p.add_argument("--kinds", nargs="+", default=["uniform", "non-uniform"])
     p.add_argument("--th-ratio", type=float, default=0.1)
+    p.add_argument(
+        "--explain",
+        type=float,
+        nargs="*",
+        default=None,
+        help="σ values (non-uniform) at which to measure U-SWIM at a 5x pulse budget",
+    )
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
@@ -110,6 +187,23 @@ def main(argv=None) -> None:
         )
         res["model_seed"] = seed
         res["test_accuracy_full_set"] = rec.get("test_accuracy")
+        if a.explain:
+            res["explain"] = [
+                explain(net, calib, test, s, 5.0, a.instances, seed) for s in a.explain
+            ]
+            for e in res["explain"]:
+                print(
+                    f"σ {e['sigma']:g} non-uniform, U-SWIM at a 5x budget: "
+                    f"{100 * e['devices_verified']:.1f} % of devices "
+                    f"({100 * e['msb_share_of_verified']:.0f} % of them MSB) remove "
+                    f"{100 * e['loss_share_removed']:.1f} % of ½·H·ΔVar; accuracy "
+                    f"{100 * e['accuracy']:.2f} vs full {100 * e['accuracy_full']:.2f} % "
+                    f"(unverified {100 * e['accuracy_unverified']:.2f} %); devices for "
+                    + ", ".join(
+                        f"{float(q) * 100:g} %: {100 * v:.1f} %"
+                        for q, v in e["devices_for_loss_share"].items()
+                    )
+                )
         runs.append(res)
         took = time.perf_counter() - t
         print(f"\nseed {seed}: {took:.0f} s, clean {100 * res['clean_accuracy']:.2f} % (subset)")
