@@ -15,6 +15,14 @@ expectation (it is computed all the same: it would not for a biased device), lea
 
 Scores are comparable across layers (loss units for the first two), so a global top-k picks the
 weights to verify.
+
+``per_pulse=True`` divides the "uswim" / "swim" score of a weight (or device) by the pulses that
+verifying it adds on average (expected pulses of a verified device minus the one pulse of an
+unverified one, summed over the weight's devices; each method with its own σ assumption). The
+budget is pulses, so the greedy answer to "most loss saved for a pulse budget" (a knapsack) ranks
+by loss saved per pulse: a device at a noisy level saves more loss but also needs more pulses
+than one at a quiet level (about 18.7 against 6.3 at level_sigma (0.5, 1.5, 1.5, 0.5) and
+th = σ/10). It changes nothing where every device costs the same (uniform σ).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from .._util import check_seed
 from ..device import DeviceModel
 from ..nn import require_cim_layers
 from .hessian import effective_weight, hessian_diag
-from .program import device_sigmas
+from .program import check_max_pulses, device_sigmas, expected_pulses
 
 METHODS = ("uswim", "swim", "magnitude", "random")
 GRANULARITIES = ("weight", "device")
@@ -76,6 +84,8 @@ def sensitivity(
     hessian: str | dict[str, torch.Tensor] = "obd",
     seed: int = 0,
     granularity: str = "weight",
+    per_pulse: bool = False,
+    max_pulses: int = 100,
 ) -> dict[str, torch.Tensor]:
     """Per-weight write-verify priority of every CiM layer (layer name -> tensor of the weight's
     shape, float64; larger = verify first) by ``method`` (see the module docstring).
@@ -83,6 +93,9 @@ def sensitivity(
     granularity="device" scores every device instead (shape (*weight.shape, D), d = 0 least
     significant; for program()'s per-device masks): uswim / swim give each device its own share
     of the variance, magnitude scores |w|·2^{dK} (the device's weight in the sum).
+
+    ``per_pulse`` (uswim / swim only) scores loss saved per extra pulse of verifying (see the
+    module docstring); ``max_pulses`` is then program()'s cap on the pulses of one device.
 
     ``hessian`` is the hessian_diag method ("obd" or "hutchinson") or a precomputed diagonal
     (reused by a sweep that scores several methods). ``seed`` seeds "random".
@@ -94,6 +107,11 @@ def sensitivity(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if not isinstance(per_pulse, bool):
+        raise TypeError(f"per_pulse must be a bool, got {per_pulse!r}")
+    max_pulses = check_max_pulses(max_pulses)
+    if per_pulse and method not in ("uswim", "swim"):
+        raise ValueError(f"per_pulse applies to 'uswim' and 'swim' only, not {method!r}")
     per_device = granularity == "device"
     place = torch.tensor(
         [2.0 ** (d * device.bits_per_device) for d in range(device.devices)], dtype=torch.float64
@@ -121,8 +139,24 @@ def sensitivity(
         w = effective_weight(m)
         var_u, var_v = weight_variances(w, device, uniform=method == "swim", per_device=per_device)
         hd = h[name].detach().double().cpu()
-        out[name] = 0.5 * (hd[..., None] if per_device else hd) * (var_u - var_v)
+        score = 0.5 * (hd[..., None] if per_device else hd) * (var_u - var_v)
+        if per_pulse:
+            extra = extra_pulses(w, device, max_pulses, uniform=method == "swim")
+            score = score / (extra if per_device else extra.sum(-1)).clamp_min(1e-12)
+        out[name] = score
     return out
+
+
+def extra_pulses(
+    weight: torch.Tensor, device: DeviceModel, max_pulses: int = 100, *, uniform: bool = False
+) -> torch.Tensor:
+    """Mean pulses that verifying each device of ``weight`` adds to its one unverified pulse,
+    shape (*weight.shape, D); ``uniform``: every device at σ (level_sigma ignored)."""
+    sig, _ = device_sigmas(weight, device)
+    if uniform:
+        sig = torch.full_like(sig, float(device.sigma))
+    extra = expected_pulses(sig, float(device.th), max_pulses) - 1
+    return extra.reshape(*weight.shape, device.devices)
 
 
 def verify_masks(
@@ -144,3 +178,42 @@ def verify_masks(
         masks[n] = chosen[i : i + c].reshape(scores[n].shape)
         i += c
     return masks, k
+
+
+def expected_hessian_diag(
+    model: nn.Module,
+    data: Iterable,
+    device: DeviceModel,
+    instances: int = 4,
+    *,
+    seed: int = 0,
+    method: str = "obd",
+    max_pulses: int = 100,
+) -> dict[str, torch.Tensor]:
+    """Hessian diagonal averaged over ``instances`` unverified programmed instances of ``model``
+    on ``device`` (device seeds from ``seed``; see :func:`hessian_diag` for ``method``).
+
+    The "uswim" score ½·H_ii·ΔVar is a second-order expansion around the clean weights; when σ is
+    large every weight is far from them (the ReLU patterns and the softmax confidences change),
+    and the curvature that matters is the one met by a weight while the others carry their
+    unverified errors. Passed as ``hessian=`` to :func:`sensitivity`.
+    """
+    from ..nn import perturbation
+    from .program import program
+
+    if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
+        raise ValueError(f"instances must be an int >= 1, got {instances!r}")
+    if not isinstance(device, DeviceModel):
+        raise TypeError(f"device must be a cimext.DeviceModel, got {type(device).__name__}")
+    from ..worstcase.monte_carlo import instance_seeds
+
+    layers = require_cim_layers(model, "expected_hessian_diag")
+    targets = {n: effective_weight(m) for n, m in layers}
+    total: dict[str, torch.Tensor] = {}
+    for s in instance_seeds(check_seed(seed), instances):
+        prog = program(model, device, None, s, max_pulses=max_pulses)
+        with perturbation(model, prog.deltas(targets)):
+            h = hessian_diag(model, data, method)
+        for k, v in h.items():
+            total[k] = total[k] + v if k in total else v.clone()
+    return {k: v / instances for k, v in total.items()}
