@@ -109,7 +109,7 @@ def plan(
         write_verify=dict(
             sigmas=[0.1, 0.5] if quick else [0.1, 0.2, 0.3, 0.4, 0.5],
             level_sigma=[0.5, 1.5, 1.5, 0.5],
-            instances=4 if quick else 30,
+            instances=2 if quick else 8,
             calib=256 if quick else 1024,
             methods=list(WV_METHODS),
         ),
@@ -351,44 +351,30 @@ def _table1(net, batches, p: dict, progress: bool) -> dict:
 
 
 def _write_verify(net, calib, batches, p: dict, seed: int, progress: bool) -> dict:
-    from . import writeverify as wv
+    """cimext.writeverify.speedup_study on the model: speedups per method over sigma, uniform
+    and non-uniform level sigma (th = sigma / 10, device granularity)."""
+    from .writeverify.study import speedup_study
 
     w = p["write_verify"]
-    out = {}
-    for kind, ls in (("uniform", None), ("non_uniform", w["level_sigma"])):
-        rows = {m: [] for m in w["methods"]}
-        fracs = {m: [] for m in w["methods"]}
-        unverified, full = [], []
-        for sigma in w["sigmas"]:
-            base = zoo.cim_device(net)
-            dev = DeviceModel(
-                weight_bits=base.weight_bits,
-                bits_per_device=base.bits_per_device,
-                sigma=sigma,
-                th=sigma / 10,
-                level_sigma=None if ls is None else tuple(ls),
-            )
-            r = wv.selective_write_verify(
-                net,
-                batches,
-                dev,
-                calib=calib,
-                methods=w["methods"],
-                instances=w["instances"],
-                seed=seed,
-                progress=progress,
-            )
-            unverified.append(r.none.mean)
-            full.append(r.full.mean)
-            for m in w["methods"]:
-                sp = r.speedup.get(m) or {}
-                rows[m].append(sp.get("speedup"))
-                fracs[m].append(sp.get("fraction"))
-        out[kind] = dict(
-            unverified=unverified,
-            full=full,
-            **{f"{m}_speedup": rows[m] for m in w["methods"]},
-            **{f"{m}_fraction": fracs[m] for m in w["methods"]},
+    r = speedup_study(
+        net,
+        calib,
+        batches,
+        sigmas=w["sigmas"],
+        level_sigma=w["level_sigma"],
+        methods=w["methods"],
+        instances=w["instances"],
+        seed=seed,
+        progress=progress,
+    )
+    out = dict(settings=r["settings"], clean=r["clean_accuracy"], seconds=r["seconds"])
+    for kind, key in (("uniform", "uniform"), ("non-uniform", "non_uniform")):
+        rows = r[kind]
+        out[key] = dict(
+            unverified=rows["accuracy_unverified"],
+            full=rows["accuracy_full"],
+            **{f"{m}_speedup": rows[f"{m}_speedup"] for m in w["methods"]},
+            **{f"{m}_fraction": rows[f"{m}_fraction"] for m in w["methods"]},
         )
     return out
 
@@ -628,7 +614,13 @@ def assemble(p: dict, res: dict, units: Units) -> dict:
     if "write-verify" in p["parts"]:
         wv = [res[s].get("write-verify") for s in seeds]
         w = p["write_verify"]
-        rec = dict(sigma=w["sigmas"], level_sigma=w["level_sigma"], th="sigma / 10")
+        rec = dict(
+            sigma=w["sigmas"],
+            level_sigma=w["level_sigma"],
+            th="sigma / 10",
+            granularity="device (single devices verified; fractions are of all devices)",
+            instances=w["instances"],
+        )
         for kind in ("non_uniform", "uniform"):
             sub = {}
             for k in (
