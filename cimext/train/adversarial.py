@@ -4,9 +4,10 @@ with the one-step F-LWC perturbation) and A-TRICE ("atrice", Algorithm 3).
 Per batch, :func:`sign_perturbation` finds the worst-case weights of the current model the way
 F-LWC does: starting from δ = 0, ``steps`` times δ_l ← clamp(δ_l − s·sign(∂Σp/∂δ_l), ±th_g·s_l),
 with p the LWC margin cost (:func:`cimext.worstcase.margin_loss`) and s_l = max|W_used,l| the
-layer's full scale. As in F-LWC the step runs in relative units u_l = δ_l / s_l, so one step size
-and one bound serve every layer and all layers move in one fused ``cimext.ops.sign_step_`` call;
-the gradients w.r.t. δ equal those w.r.t. the (quantized) weights. Then
+layer's full scale (``random_start``: from δ drawn uniformly inside the bound instead, as PGD
+does, so that the model cannot fit one deterministic attack). As in F-LWC the step runs in
+relative units u_l = δ_l / s_l, so one step size and one bound serve every layer and all layers
+move in one fused ``cimext.ops.sign_step_`` call; the gradients w.r.t. δ equal those w.r.t. the (quantized) weights. Then
 
 - adv:    loss = CE(f(W + δ), y)
 - atrice: loss = (1 − α)·CE(f(W + ΔW_rcg), y) + α·CE(f(W + δ), y), ΔW_rcg right-censored
@@ -62,6 +63,8 @@ def check_adv_settings(settings: dict) -> dict:
         raise ValueError(f"adv_steps must be an int >= 1, got {steps!r}")
     s["adv_steps"] = int(steps)
     s["kappa"] = _check_real("kappa", s["kappa"], lo=0.0, lo_open=False)
+    if not isinstance(s["random_start"], bool):
+        raise ValueError(f"random_start must be True or False, got {s['random_start']!r}")
     if "alpha" in s:
         s["alpha"] = _check_real("alpha", s["alpha"], lo=0.0, hi=1.0, lo_open=False)
     return s
@@ -94,6 +97,8 @@ def sign_perturbation(
     steps: int = 1,
     kappa: float = 0.0,
     reduce: bool | None = None,
+    random_start: bool = False,
+    generator: torch.Generator | None = None,
 ) -> list[torch.Tensor]:
     """The F-LWC sign-gradient perturbation of ``model``'s current weights on one batch.
 
@@ -103,7 +108,10 @@ def sign_perturbation(
     ``cimext.cim_layers`` order. The layers' δ slots are left as they were. ``reduce`` (default:
     whether a torch.distributed group of more than one process is running): sum the gradients
     over the ranks first, so that each rank gets the perturbation of the global batch (every rank
-    must then call this together).
+    must then call this together). ``random_start``: start from δ_l drawn uniformly in
+    ±th_g·s_l (with ``generator``, a CPU generator, so every device and every DDP rank draws the
+    same start) instead of δ = 0, as PGD does: a model trained against it cannot fit one
+    deterministic attack.
     """
 
     step_size = th_g if step_size is None else step_size
@@ -111,7 +119,15 @@ def sign_perturbation(
         reduce = distributed.is_initialized()
     layers = _layers(model)
     scales = _full_scales(layers)
-    us = [torch.zeros_like(m.weight, memory_format=torch.contiguous_format) for m in layers]
+    if random_start:
+        us = [
+            (torch.rand(m.weight.shape, generator=generator) * (2 * th_g) - th_g).to(
+                device=m.weight.device, dtype=m.weight.dtype
+            )
+            for m in layers
+        ]
+    else:
+        us = [torch.zeros_like(m.weight, memory_format=torch.contiguous_format) for m in layers]
     bounds = [th_g] * len(us)
     saved = [m.__dict__.get("_delta") for m in layers]
     try:
@@ -142,6 +158,8 @@ def _perturbed_loss(model: nn.Module, raw: nn.Module, x, y, ctx: StepContext) ->
         steps=st["adv_steps"],
         kappa=st["kappa"],
         reduce=ctx.module is not None,  # under DDP: the perturbation of the global batch
+        random_start=st["random_start"],
+        generator=ctx.generator,
     )
     layers = _layers(raw)
     saved = [m.__dict__.get("_delta") for m in layers]
@@ -161,7 +179,7 @@ def _raw(model: nn.Module, ctx: StepContext) -> nn.Module:
     return ctx.module if ctx.module is not None else model
 
 
-_ADV_DEFAULTS = dict(th_g=0.03, step_size=None, adv_steps=1, kappa=0.0)
+_ADV_DEFAULTS = dict(th_g=0.03, step_size=None, adv_steps=1, kappa=0.0, random_start=False)
 
 
 @register_method("adv", needs_cim=True, defaults=_ADV_DEFAULTS, check=check_adv_settings)
