@@ -229,10 +229,19 @@ def summarize(work: Path, out: Path, seeds: list[int]) -> dict:
     # Trade-off curve: every configuration's mean over the seeds it ran on (seed 0 at least).
     curve = sorted(
         (
-            dict(name=n, alpha=c["fit"].get("alpha"), th_g=c["fit"].get("th_g"),
-                 step_size=c["fit"].get("step_size"), adv_steps=c["fit"].get("adv_steps", 1),
-                 epochs=c["fit"].get("epochs"), lr=c["fit"].get("lr"), init=c["init"],
-                 seeds=c["seeds"], clean=_mean(c["clean"]), worst=_mean(c["worst"]))  # fmt: skip
+            dict(
+                name=n,
+                alpha=c["fit"].get("alpha"),
+                th_g=c["fit"].get("th_g"),
+                step_size=c["fit"].get("step_size"),
+                adv_steps=c["fit"].get("adv_steps", 1),
+                epochs=c["fit"].get("epochs"),
+                lr=c["fit"].get("lr"),
+                init=c["init"],
+                seeds=c["seeds"],
+                clean=_mean(c["clean"]),
+                worst=_mean(c["worst"]),
+            )  # fmt: skip
             for n, c in configs.items()
         ),
         key=lambda p: (p["clean"], p["worst"]),

@@ -7,7 +7,8 @@ with p the LWC margin cost (:func:`cimext.worstcase.margin_loss`) and s_l = max|
 layer's full scale (``random_start``: from δ drawn uniformly inside the bound instead, as PGD
 does, so that the model cannot fit one deterministic attack). As in F-LWC the step runs in
 relative units u_l = δ_l / s_l, so one step size and one bound serve every layer and all layers
-move in one fused ``cimext.ops.sign_step_`` call; the gradients w.r.t. δ equal those w.r.t. the (quantized) weights. Then
+move in one fused ``cimext.ops.sign_step_`` call; the gradients w.r.t. δ equal those w.r.t. the
+(quantized) weights. Then
 
 - adv:    loss = CE(f(W + δ), y)
 - atrice: loss = (1 − α)·CE(f(W + ΔW_rcg), y) + α·CE(f(W + δ), y), ΔW_rcg right-censored
