@@ -155,6 +155,24 @@ def test_random_start_in_training_is_reproducible():
     assert not torch.equal(states[0]["0.weight"], states[2]["0.weight"])
 
 
+def test_clean_weight_adds_the_clean_loss():
+    """clean_weight β adds β·CE of the clean weights: the step's loss is the β = 0 loss plus it
+    (same δ and noise: the clean pass draws nothing from the generator)."""
+    from cimext.train.fit import StepContext
+
+    torch.manual_seed(0)
+    model = _mlp()
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    step = METHODS["atrice"]
+    losses = {}
+    for beta in (0.0, 0.7):
+        st = step.check(dict(step.defaults, clean_weight=beta, sigma_t=0.1, th_rcg=1.0))
+        ctx = StepContext(st, 0, 0, torch.Generator().manual_seed(3))
+        losses[beta] = float(step(model, x, y, ctx))
+    clean = float(F.cross_entropy(model(x), y))
+    assert losses[0.7] == pytest.approx(losses[0.0] + 0.7 * clean, rel=1e-5)
+
+
 def test_adv_training_raises_the_worst_case():
     """On the toy problem adversarial weight training lifts the F-LWC worst case above vanilla."""
     th_g = 0.3
@@ -233,6 +251,9 @@ def test_resume_atrice(tmp_path):
         (dict(method="adv", kappa=-1.0), ValueError, "kappa"),
         (dict(method="adv", random_start=1), ValueError, "random_start"),
         (dict(method="atrice", random_start="yes"), ValueError, "random_start"),
+        (dict(method="atrice", clean_weight=-0.5), ValueError, "clean_weight"),
+        (dict(method="atrice", clean_weight=math.inf), ValueError, "clean_weight"),
+        (dict(method="adv", clean_weight=0.5), TypeError, "clean_weight"),
         (dict(method="adv", alpha=0.5), TypeError, "alpha"),
         (dict(method="atrice", th=0.5), TypeError, "unexpected"),
         (dict(method="adv", metric="worst"), ValueError, "metric"),

@@ -12,7 +12,8 @@ move in one fused ``cimext.ops.sign_step_`` call; the gradients w.r.t. δ equal 
 
 - adv:    loss = CE(f(W + δ), y)
 - atrice: loss = (1 − α)·CE(f(W + ΔW_rcg), y) + α·CE(f(W + δ), y), ΔW_rcg right-censored
-  Gaussian noise s_l·σ_t·min(ε, th_rcg) (eq. 11) drawn inside the fused perturbed ops.
+  Gaussian noise s_l·σ_t·min(ε, th_rcg) (eq. 11) drawn inside the fused perturbed ops; with
+  ``clean_weight`` β > 0, + β·CE(f(W), y) (a clean term that holds clean accuracy).
 
 δ is held fixed (detached) in the adversarial forward, so the gradient reaches W only through
 W + δ, as in the paper. α = 1 skips the noisy pass and draws no noise seed, so it is method "adv"
@@ -68,6 +69,8 @@ def check_adv_settings(settings: dict) -> dict:
         raise ValueError(f"random_start must be True or False, got {s['random_start']!r}")
     if "alpha" in s:
         s["alpha"] = _check_real("alpha", s["alpha"], lo=0.0, hi=1.0, lo_open=False)
+    if "clean_weight" in s:
+        s["clean_weight"] = _check_real("clean_weight", s["clean_weight"], lo=0.0, lo_open=False)
     return s
 
 
@@ -190,10 +193,15 @@ def _adv_step(model, x, y, ctx):
 
 
 @register_method(
-    "atrice", needs_cim=True, defaults=dict(_ADV_DEFAULTS, alpha=0.5), check=check_adv_settings
+    "atrice",
+    needs_cim=True,
+    defaults=dict(_ADV_DEFAULTS, alpha=0.5, clean_weight=0.0),
+    check=check_adv_settings,
 )
 def _atrice_step(model, x, y, ctx):
-    """A-TRICE (Algorithm 3): (1 − α)·CE under RCG noise + α·CE under the sign-step worst case."""
+    """A-TRICE (Algorithm 3): (1 − α)·CE under RCG noise + α·CE under the sign-step worst case,
+    plus clean_weight·CE of the clean weights (0: the paper's loss; > 0 holds clean accuracy up
+    at the price of one more forward and backward)."""
 
     alpha = ctx.settings["alpha"]
     loss = None
@@ -209,4 +217,7 @@ def _atrice_step(model, x, y, ctx):
         ):
             loss_n = (1.0 - alpha) * F.cross_entropy(model(x), y)
         loss = loss_n if loss is None else loss + loss_n
+    beta = ctx.settings["clean_weight"]
+    if beta > 0.0:
+        loss = loss + beta * F.cross_entropy(model(x), y)
     return loss

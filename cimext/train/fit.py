@@ -308,7 +308,8 @@ def fit(
     weights (``step_size``, default th_g; ``adv_steps`` sign steps, default 1; margin confidence
     ``kappa``; ``random_start``: start each search from δ uniform inside the bound); atrice
     (Algorithm 3) minimizes (1 − ``alpha``)·loss under RCG noise + alpha·loss under that
-    perturbation (alpha = 1: adv; alpha = 0: trice). See cimext.train.adversarial.
+    perturbation (alpha = 1: adv; alpha = 0: trice), plus ``clean_weight``·loss of the clean
+    weights (default 0). See cimext.train.adversarial.
 
     ``metric``: "clean" (accuracy without noise), "mc" (the q-quantile of a Monte Carlo run;
     ``metric_options`` n=100, q=0.05, seed=0, device=``device`` or the layers' DeviceModel),
