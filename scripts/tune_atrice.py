@@ -76,6 +76,24 @@ for _a in (0.3, 0.5, 0.7, 0.9):
             )
 
 
+# Wider bounds, and a clean term (clean_weight) to hold clean accuracy.
+for _a in (0.7, 0.8, 0.9, 1.0):
+    for _b, _st in ((0.05, 0.02), (0.06, 0.025), (0.07, 0.03)):
+        for _ep in (4, 6, 8):
+            for _cw in (0.0, 0.3, 0.5, 1.0):
+                _cfg(
+                    f"pgd3_a{_a:g}_b{_b:g}_e{_ep}_lr0.001" + (f"_cw{_cw:g}" if _cw else ""),
+                    epochs=_ep,
+                    lr=1e-3,
+                    alpha=_a,
+                    th_g=_b,
+                    step_size=_st,
+                    adv_steps=3,
+                    random_start=True,
+                    **(dict(clean_weight=_cw) if _cw else {}),
+                )
+
+
 def _train_loader(seed: int) -> DataLoader:
     ds = data.load(DATASET, "train", seed=0)
     g = torch.Generator().manual_seed(seed)

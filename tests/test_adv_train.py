@@ -168,8 +168,8 @@ def test_clean_weight_adds_the_clean_loss():
     for beta in (0.0, 0.7):
         st = step.check(dict(step.defaults, clean_weight=beta, sigma_t=0.1, th_rcg=1.0))
         ctx = StepContext(st, 0, 0, torch.Generator().manual_seed(3))
-        losses[beta] = float(step(model, x, y, ctx))
-    clean = float(F.cross_entropy(model(x), y))
+        losses[beta] = step(model, x, y, ctx).item()
+    clean = F.cross_entropy(model(x), y).item()
     assert losses[0.7] == pytest.approx(losses[0.0] + 0.7 * clean, rel=1e-5)
 
 
