@@ -173,6 +173,32 @@ def test_clean_weight_adds_the_clean_loss():
     assert losses[0.7] == pytest.approx(losses[0.0] + 0.7 * clean, rel=1e-5)
 
 
+def test_trades_loss_is_the_kl_to_the_clean_model():
+    """adv_loss="trades": α·KL(f(W) ‖ f(W + δ)) + β·CE(f(W), y), δ the same sign perturbation."""
+    from cimext.train.fit import StepContext
+
+    torch.manual_seed(0)
+    model = _mlp()
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    step = METHODS["atrice"]
+    st = step.check(dict(step.defaults, alpha=1.0, clean_weight=0.5, adv_loss="trades", th_g=0.1))
+    loss = step(model, x, y, StepContext(st, 0, 0, torch.Generator())).item()
+    layers = [m for _, m in cimext.cim_layers(model)]
+    deltas = sign_perturbation(model, x, y, th_g=0.1)
+    with torch.no_grad():
+        clean = model(x)
+        for m, d in zip(layers, deltas, strict=True):
+            m.delta = d
+        pert = model(x)
+        for m in layers:
+            m.delta = None
+    p = F.softmax(clean, -1)
+    kl = (p * (p.log() - F.log_softmax(pert, -1))).sum(-1).mean()
+    expected = kl + 0.5 * F.cross_entropy(clean, y)
+    assert kl > 0
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_adv_training_raises_the_worst_case():
     """On the toy problem adversarial weight training lifts the F-LWC worst case above vanilla."""
     th_g = 0.3
@@ -254,6 +280,8 @@ def test_resume_atrice(tmp_path):
         (dict(method="atrice", clean_weight=-0.5), ValueError, "clean_weight"),
         (dict(method="atrice", clean_weight=math.inf), ValueError, "clean_weight"),
         (dict(method="adv", clean_weight=0.5), TypeError, "clean_weight"),
+        (dict(method="atrice", adv_loss="kl"), ValueError, "adv_loss"),
+        (dict(method="atrice", adv_loss=None), ValueError, "adv_loss"),
         (dict(method="adv", alpha=0.5), TypeError, "alpha"),
         (dict(method="atrice", th=0.5), TypeError, "unexpected"),
         (dict(method="adv", metric="worst"), ValueError, "metric"),

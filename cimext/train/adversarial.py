@@ -13,7 +13,8 @@ move in one fused ``cimext.ops.sign_step_`` call; the gradients w.r.t. δ equal 
 - adv:    loss = CE(f(W + δ), y)
 - atrice: loss = (1 − α)·CE(f(W + ΔW_rcg), y) + α·CE(f(W + δ), y), ΔW_rcg right-censored
   Gaussian noise s_l·σ_t·min(ε, th_rcg) (eq. 11) drawn inside the fused perturbed ops; with
-  ``clean_weight`` β > 0, + β·CE(f(W), y) (a clean term that holds clean accuracy).
+  ``clean_weight`` β > 0, + β·CE(f(W), y) (a clean term that holds clean accuracy);
+  ``adv_loss="trades"``: the α term is KL(f(W) ‖ f(W + δ)) (TRADES) instead of the CE.
 
 δ is held fixed (detached) in the adversarial forward, so the gradient reaches W only through
 W + δ, as in the paper. α = 1 skips the noisy pass and draws no noise seed, so it is method "adv"
@@ -71,6 +72,8 @@ def check_adv_settings(settings: dict) -> dict:
         s["alpha"] = _check_real("alpha", s["alpha"], lo=0.0, hi=1.0, lo_open=False)
     if "clean_weight" in s:
         s["clean_weight"] = _check_real("clean_weight", s["clean_weight"], lo=0.0, lo_open=False)
+    if "adv_loss" in s and s["adv_loss"] not in ("ce", "trades"):
+        raise ValueError(f"adv_loss must be 'ce' or 'trades', got {s['adv_loss']!r}")
     return s
 
 
@@ -151,7 +154,11 @@ def sign_perturbation(
     return [u * s for u, s in zip(us, scales, strict=True)]
 
 
-def _perturbed_loss(model: nn.Module, raw: nn.Module, x, y, ctx: StepContext) -> torch.Tensor:
+def _perturbed_loss(
+    model: nn.Module, raw: nn.Module, x, y, ctx: StepContext, clean_logits=None
+) -> torch.Tensor:
+    """CE of the model under its sign-step worst case; with ``clean_logits`` (TRADES) the
+    KL divergence KL(softmax(clean_logits) ‖ softmax(f(W + δ))), batch mean, instead."""
     st = ctx.settings
     deltas = sign_perturbation(
         raw,
@@ -172,7 +179,15 @@ def _perturbed_loss(model: nn.Module, raw: nn.Module, x, y, ctx: StepContext) ->
         for m, d in zip(layers, deltas, strict=True):
             m.__dict__["_delta"] = d
         # The graph keeps W + δ; the slots can be restored as soon as the forward is done.
-        return F.cross_entropy(model(x), y)
+        out = model(x)
+        if clean_logits is None:
+            return F.cross_entropy(out, y)
+        return F.kl_div(
+            F.log_softmax(out, -1),
+            F.log_softmax(clean_logits, -1),
+            reduction="batchmean",
+            log_target=True,
+        )
     finally:
         for m, d in zip(layers, saved, strict=True):
             m.__dict__["_delta"] = d
@@ -195,18 +210,24 @@ def _adv_step(model, x, y, ctx):
 @register_method(
     "atrice",
     needs_cim=True,
-    defaults=dict(_ADV_DEFAULTS, alpha=0.5, clean_weight=0.0),
+    defaults=dict(_ADV_DEFAULTS, alpha=0.5, clean_weight=0.0, adv_loss="ce"),
     check=check_adv_settings,
 )
 def _atrice_step(model, x, y, ctx):
     """A-TRICE (Algorithm 3): (1 − α)·CE under RCG noise + α·CE under the sign-step worst case,
     plus clean_weight·CE of the clean weights (0: the paper's loss; > 0 holds clean accuracy up
-    at the price of one more forward and backward)."""
+    at the price of one more forward and backward). adv_loss "trades": the α term is
+    KL(f(W) ‖ f(W + δ)) instead of CE(f(W + δ), y) (TRADES: it asks the perturbed model to agree
+    with the clean one rather than with the label; give clean_weight > 0 with it)."""
 
-    alpha = ctx.settings["alpha"]
+    alpha, beta = ctx.settings["alpha"], ctx.settings["clean_weight"]
+    trades = ctx.settings["adv_loss"] == "trades"
     loss = None
+    clean_logits = model(x) if beta > 0.0 or (trades and alpha > 0.0) else None
     if alpha > 0.0:
-        loss = alpha * _perturbed_loss(model, _raw(model, ctx), x, y, ctx)
+        loss = alpha * _perturbed_loss(
+            model, _raw(model, ctx), x, y, ctx, clean_logits if trades else None
+        )
     if alpha < 1.0:
         with sampling(
             model,
@@ -217,7 +238,6 @@ def _atrice_step(model, x, y, ctx):
         ):
             loss_n = (1.0 - alpha) * F.cross_entropy(model(x), y)
         loss = loss_n if loss is None else loss + loss_n
-    beta = ctx.settings["clean_weight"]
     if beta > 0.0:
-        loss = loss + beta * F.cross_entropy(model(x), y)
+        loss = loss + beta * F.cross_entropy(clean_logits, y)
     return loss

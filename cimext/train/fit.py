@@ -309,7 +309,8 @@ def fit(
     ``kappa``; ``random_start``: start each search from δ uniform inside the bound); atrice
     (Algorithm 3) minimizes (1 − ``alpha``)·loss under RCG noise + alpha·loss under that
     perturbation (alpha = 1: adv; alpha = 0: trice), plus ``clean_weight``·loss of the clean
-    weights (default 0). See cimext.train.adversarial.
+    weights (default 0); ``adv_loss="trades"`` makes the perturbed term KL(f(W) ‖ f(W + δ)).
+    See cimext.train.adversarial.
 
     ``metric``: "clean" (accuracy without noise), "mc" (the q-quantile of a Monte Carlo run;
     ``metric_options`` n=100, q=0.05, seed=0, device=``device`` or the layers' DeviceModel),
