@@ -94,6 +94,25 @@ for _a in (0.7, 0.8, 0.9, 1.0):
                 )
 
 
+# TRADES: KL(f(W) ‖ f(W + δ)) + clean_weight·CE(f(W), y) (TRADES' β = alpha / clean_weight).
+for _a in (0.7, 1.0):
+    for _b, _st in ((0.05, 0.02), (0.06, 0.025), (0.07, 0.03), (0.08, 0.03)):
+        for _ep in (4, 8):
+            for _cw in (0.25, 0.5, 1.0):
+                _cfg(
+                    f"trades_a{_a:g}_b{_b:g}_e{_ep}_cw{_cw:g}",
+                    epochs=_ep,
+                    lr=1e-3,
+                    alpha=_a,
+                    th_g=_b,
+                    step_size=_st,
+                    adv_steps=3,
+                    random_start=True,
+                    clean_weight=_cw,
+                    adv_loss="trades",
+                )
+
+
 def _train_loader(seed: int) -> DataLoader:
     ds = data.load(DATASET, "train", seed=0)
     g = torch.Generator().manual_seed(seed)
