@@ -333,6 +333,13 @@ def summarize(work: Path, out: Path, seeds: list[int]) -> dict:
         configs=configs,
         tradeoff=curve,
         stage1_seed0=stage1,
+        selection=(
+            "two stages, on val only: every configuration is trained on seed 0 "
+            "(stage1_seed0, against the seed-0 vanilla model); the one with the highest val "
+            "worst case among those within 3 points of vanilla's val clean accuracy goes on to "
+            "seeds 1 and 2; 'chosen' applies the rule in 'why' to the configurations run on "
+            "every seed"
+        ),
         chosen=chosen,
         chosen_fit=configs[chosen]["fit"] if chosen else None,
         chosen_init=configs[chosen]["init"] if chosen else None,
