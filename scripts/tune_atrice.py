@@ -345,8 +345,11 @@ def summarize(work: Path, out: Path, seeds: list[int]) -> dict:
         chosen_init=configs[chosen]["init"] if chosen else None,
         why=why,
     )
-    if "test_confirmation" in prev:
-        doc["test_confirmation"] = prev["test_confirmation"]
+    confs = prev.get("test_confirmations", {})
+    if confs:
+        doc["test_confirmations"] = confs
+        if chosen in confs:
+            doc["test_confirmation"] = confs[chosen]
     _write(out, doc)
     return doc
 
@@ -372,9 +375,14 @@ def confirm(work: Path, out: Path, name: str, seeds: list[int]) -> dict:
             mean_worst=_mean([r["worst"] for r in per]),
         )
     doc = json.loads(out.read_text()) if out.exists() else {}
-    doc["test_confirmation"] = dict(config=name, seeds=seeds, worst_images=N_WORST, **rows)
+    conf = dict(config=name, seeds=seeds, worst_images=N_WORST, **rows)
+    # Every configuration confirmed so far, by name; "test_confirmation" is the chosen one's
+    # (the choice is made on val by summarize, never from these figures).
+    doc.setdefault("test_confirmations", {})[name] = conf
+    if name == doc.get("chosen") or "test_confirmation" not in doc:
+        doc["test_confirmation"] = conf
     _write(out, doc)
-    return doc["test_confirmation"]
+    return conf
 
 
 def main(argv=None) -> int:
