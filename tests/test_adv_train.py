@@ -113,6 +113,92 @@ def test_sign_perturbation_is_one_flwc_step():
         assert float(d.abs().max()) <= 0.02 * float(w.detach().abs().max()) * (1 + 1e-6)
 
 
+def test_sign_perturbation_random_start():
+    """random_start draws δ uniformly inside the bound from the generator (same seed, same δ),
+    then takes the sign steps from there; the result stays inside the bound."""
+    torch.manual_seed(0)
+    model = _mlp()
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    scales = [float(m.weight.detach().abs().max()) for _, m in cimext.cim_layers(model)]
+
+    def run(seed, **kw):
+        g = torch.Generator().manual_seed(seed)
+        return sign_perturbation(model, x, y, th_g=0.02, random_start=True, generator=g, **kw)
+
+    a, b, c = run(1, step_size=0.005), run(1, step_size=0.005), run(2, step_size=0.005)
+    zero = sign_perturbation(model, x, y, th_g=0.02, step_size=0.005)
+    for da, db, dc, dz, s in zip(a, b, c, zero, scales, strict=True):
+        torch.testing.assert_close(da, db)
+        assert not torch.equal(da, dc)
+        assert not torch.equal(da, dz)
+        assert float(da.abs().max()) <= 0.02 * s * (1 + 1e-6)
+        # A step of 0.005 from zero gives ±0.005·s only; from a random start, values spread out.
+        assert len(torch.unique(dz.abs())) <= 2 and len(torch.unique(da.abs())) > 2
+    # The start is uniform over the bound: with tiny steps, δ covers most of ±th_g·s.
+    tiny = run(3, step_size=1e-6)
+    for d, s in zip(tiny, scales, strict=True):
+        assert float(d.abs().max()) > 0.015 * s
+        assert abs(float(d.mean())) < 0.01 * s
+
+
+def test_random_start_in_training_is_reproducible():
+    """fit(random_start=True) draws its starts from the run's generator: two runs agree, and
+    differ from the zero start."""
+    states = []
+    for rs in (True, True, False):
+        train, val = _loaders()
+        model = _mlp()
+        fit(model, train, val, "atrice", epochs=1, lr=1e-2, progress=False, th_g=0.05,
+            step_size=0.02, adv_steps=2, random_start=rs)  # fmt: skip
+        states.append(_state(model))
+    _assert_same(states[0], states[1])
+    assert not torch.equal(states[0]["0.weight"], states[2]["0.weight"])
+
+
+def test_clean_weight_adds_the_clean_loss():
+    """clean_weight β adds β·CE of the clean weights: the step's loss is the β = 0 loss plus it
+    (same δ and noise: the clean pass draws nothing from the generator)."""
+    from cimext.train.fit import StepContext
+
+    torch.manual_seed(0)
+    model = _mlp()
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    step = METHODS["atrice"]
+    losses = {}
+    for beta in (0.0, 0.7):
+        st = step.check(dict(step.defaults, clean_weight=beta, sigma_t=0.1, th_rcg=1.0))
+        ctx = StepContext(st, 0, 0, torch.Generator().manual_seed(3))
+        losses[beta] = step(model, x, y, ctx).item()
+    clean = F.cross_entropy(model(x), y).item()
+    assert losses[0.7] == pytest.approx(losses[0.0] + 0.7 * clean, rel=1e-5)
+
+
+def test_trades_loss_is_the_kl_to_the_clean_model():
+    """adv_loss="trades": α·KL(f(W) ‖ f(W + δ)) + β·CE(f(W), y), δ the same sign perturbation."""
+    from cimext.train.fit import StepContext
+
+    torch.manual_seed(0)
+    model = _mlp()
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    step = METHODS["atrice"]
+    st = step.check(dict(step.defaults, alpha=1.0, clean_weight=0.5, adv_loss="trades", th_g=0.1))
+    loss = step(model, x, y, StepContext(st, 0, 0, torch.Generator())).item()
+    layers = [m for _, m in cimext.cim_layers(model)]
+    deltas = sign_perturbation(model, x, y, th_g=0.1)
+    with torch.no_grad():
+        clean = model(x)
+        for m, d in zip(layers, deltas, strict=True):
+            m.delta = d
+        pert = model(x)
+        for m in layers:
+            m.delta = None
+    p = F.softmax(clean, -1)
+    kl = (p * (p.log() - F.log_softmax(pert, -1))).sum(-1).mean()
+    expected = kl + 0.5 * F.cross_entropy(clean, y)
+    assert kl > 0
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_adv_training_raises_the_worst_case():
     """On the toy problem adversarial weight training lifts the F-LWC worst case above vanilla."""
     th_g = 0.3
@@ -189,6 +275,13 @@ def test_resume_atrice(tmp_path):
         (dict(method="adv", th_g=math.inf), ValueError, "th_g"),
         (dict(method="adv", adv_steps=0), ValueError, "adv_steps"),
         (dict(method="adv", kappa=-1.0), ValueError, "kappa"),
+        (dict(method="adv", random_start=1), ValueError, "random_start"),
+        (dict(method="atrice", random_start="yes"), ValueError, "random_start"),
+        (dict(method="atrice", clean_weight=-0.5), ValueError, "clean_weight"),
+        (dict(method="atrice", clean_weight=math.inf), ValueError, "clean_weight"),
+        (dict(method="adv", clean_weight=0.5), TypeError, "clean_weight"),
+        (dict(method="atrice", adv_loss="kl"), ValueError, "adv_loss"),
+        (dict(method="atrice", adv_loss=None), ValueError, "adv_loss"),
         (dict(method="adv", alpha=0.5), TypeError, "alpha"),
         (dict(method="atrice", th=0.5), TypeError, "unexpected"),
         (dict(method="adv", metric="worst"), ValueError, "metric"),

@@ -4,13 +4,17 @@ with the one-step F-LWC perturbation) and A-TRICE ("atrice", Algorithm 3).
 Per batch, :func:`sign_perturbation` finds the worst-case weights of the current model the way
 F-LWC does: starting from δ = 0, ``steps`` times δ_l ← clamp(δ_l − s·sign(∂Σp/∂δ_l), ±th_g·s_l),
 with p the LWC margin cost (:func:`cimext.worstcase.margin_loss`) and s_l = max|W_used,l| the
-layer's full scale. As in F-LWC the step runs in relative units u_l = δ_l / s_l, so one step size
-and one bound serve every layer and all layers move in one fused ``cimext.ops.sign_step_`` call;
-the gradients w.r.t. δ equal those w.r.t. the (quantized) weights. Then
+layer's full scale (``random_start``: from δ drawn uniformly inside the bound instead, as PGD
+does, so that the model cannot fit one deterministic attack). As in F-LWC the step runs in
+relative units u_l = δ_l / s_l, so one step size and one bound serve every layer and all layers
+move in one fused ``cimext.ops.sign_step_`` call; the gradients w.r.t. δ equal those w.r.t. the
+(quantized) weights. Then
 
 - adv:    loss = CE(f(W + δ), y)
 - atrice: loss = (1 − α)·CE(f(W + ΔW_rcg), y) + α·CE(f(W + δ), y), ΔW_rcg right-censored
-  Gaussian noise s_l·σ_t·min(ε, th_rcg) (eq. 11) drawn inside the fused perturbed ops.
+  Gaussian noise s_l·σ_t·min(ε, th_rcg) (eq. 11) drawn inside the fused perturbed ops; with
+  ``clean_weight`` β > 0, + β·CE(f(W), y) (a clean term that holds clean accuracy);
+  ``adv_loss="trades"``: the α term is KL(f(W) ‖ f(W + δ)) (TRADES) instead of the CE.
 
 δ is held fixed (detached) in the adversarial forward, so the gradient reaches W only through
 W + δ, as in the paper. α = 1 skips the noisy pass and draws no noise seed, so it is method "adv"
@@ -62,8 +66,14 @@ def check_adv_settings(settings: dict) -> dict:
         raise ValueError(f"adv_steps must be an int >= 1, got {steps!r}")
     s["adv_steps"] = int(steps)
     s["kappa"] = _check_real("kappa", s["kappa"], lo=0.0, lo_open=False)
+    if not isinstance(s["random_start"], bool):
+        raise ValueError(f"random_start must be True or False, got {s['random_start']!r}")
     if "alpha" in s:
         s["alpha"] = _check_real("alpha", s["alpha"], lo=0.0, hi=1.0, lo_open=False)
+    if "clean_weight" in s:
+        s["clean_weight"] = _check_real("clean_weight", s["clean_weight"], lo=0.0, lo_open=False)
+    if "adv_loss" in s and s["adv_loss"] not in ("ce", "trades"):
+        raise ValueError(f"adv_loss must be 'ce' or 'trades', got {s['adv_loss']!r}")
     return s
 
 
@@ -94,6 +104,8 @@ def sign_perturbation(
     steps: int = 1,
     kappa: float = 0.0,
     reduce: bool | None = None,
+    random_start: bool = False,
+    generator: torch.Generator | None = None,
 ) -> list[torch.Tensor]:
     """The F-LWC sign-gradient perturbation of ``model``'s current weights on one batch.
 
@@ -103,7 +115,10 @@ def sign_perturbation(
     ``cimext.cim_layers`` order. The layers' δ slots are left as they were. ``reduce`` (default:
     whether a torch.distributed group of more than one process is running): sum the gradients
     over the ranks first, so that each rank gets the perturbation of the global batch (every rank
-    must then call this together).
+    must then call this together). ``random_start``: start from δ_l drawn uniformly in
+    ±th_g·s_l (with ``generator``, a CPU generator, so every device and every DDP rank draws the
+    same start) instead of δ = 0, as PGD does: a model trained against it cannot fit one
+    deterministic attack.
     """
 
     step_size = th_g if step_size is None else step_size
@@ -111,7 +126,15 @@ def sign_perturbation(
         reduce = distributed.is_initialized()
     layers = _layers(model)
     scales = _full_scales(layers)
-    us = [torch.zeros_like(m.weight, memory_format=torch.contiguous_format) for m in layers]
+    if random_start:
+        us = [
+            (torch.rand(m.weight.shape, generator=generator) * (2 * th_g) - th_g).to(
+                device=m.weight.device, dtype=m.weight.dtype
+            )
+            for m in layers
+        ]
+    else:
+        us = [torch.zeros_like(m.weight, memory_format=torch.contiguous_format) for m in layers]
     bounds = [th_g] * len(us)
     saved = [m.__dict__.get("_delta") for m in layers]
     try:
@@ -131,7 +154,11 @@ def sign_perturbation(
     return [u * s for u, s in zip(us, scales, strict=True)]
 
 
-def _perturbed_loss(model: nn.Module, raw: nn.Module, x, y, ctx: StepContext) -> torch.Tensor:
+def _perturbed_loss(
+    model: nn.Module, raw: nn.Module, x, y, ctx: StepContext, clean_logits=None
+) -> torch.Tensor:
+    """CE of the model under its sign-step worst case; with ``clean_logits`` (TRADES) the
+    KL divergence KL(softmax(clean_logits) ‖ softmax(f(W + δ))), batch mean, instead."""
     st = ctx.settings
     deltas = sign_perturbation(
         raw,
@@ -142,6 +169,8 @@ def _perturbed_loss(model: nn.Module, raw: nn.Module, x, y, ctx: StepContext) ->
         steps=st["adv_steps"],
         kappa=st["kappa"],
         reduce=ctx.module is not None,  # under DDP: the perturbation of the global batch
+        random_start=st["random_start"],
+        generator=ctx.generator,
     )
     layers = _layers(raw)
     saved = [m.__dict__.get("_delta") for m in layers]
@@ -150,7 +179,15 @@ def _perturbed_loss(model: nn.Module, raw: nn.Module, x, y, ctx: StepContext) ->
         for m, d in zip(layers, deltas, strict=True):
             m.__dict__["_delta"] = d
         # The graph keeps W + δ; the slots can be restored as soon as the forward is done.
-        return F.cross_entropy(model(x), y)
+        out = model(x)
+        if clean_logits is None:
+            return F.cross_entropy(out, y)
+        return F.kl_div(
+            F.log_softmax(out, -1),
+            F.log_softmax(clean_logits, -1),
+            reduction="batchmean",
+            log_target=True,
+        )
     finally:
         for m, d in zip(layers, saved, strict=True):
             m.__dict__["_delta"] = d
@@ -161,7 +198,7 @@ def _raw(model: nn.Module, ctx: StepContext) -> nn.Module:
     return ctx.module if ctx.module is not None else model
 
 
-_ADV_DEFAULTS = dict(th_g=0.03, step_size=None, adv_steps=1, kappa=0.0)
+_ADV_DEFAULTS = dict(th_g=0.03, step_size=None, adv_steps=1, kappa=0.0, random_start=False)
 
 
 @register_method("adv", needs_cim=True, defaults=_ADV_DEFAULTS, check=check_adv_settings)
@@ -171,15 +208,26 @@ def _adv_step(model, x, y, ctx):
 
 
 @register_method(
-    "atrice", needs_cim=True, defaults=dict(_ADV_DEFAULTS, alpha=0.5), check=check_adv_settings
+    "atrice",
+    needs_cim=True,
+    defaults=dict(_ADV_DEFAULTS, alpha=0.5, clean_weight=0.0, adv_loss="ce"),
+    check=check_adv_settings,
 )
 def _atrice_step(model, x, y, ctx):
-    """A-TRICE (Algorithm 3): (1 − α)·CE under RCG noise + α·CE under the sign-step worst case."""
+    """A-TRICE (Algorithm 3): (1 − α)·CE under RCG noise + α·CE under the sign-step worst case,
+    plus clean_weight·CE of the clean weights (0: the paper's loss; > 0 holds clean accuracy up
+    at the price of one more forward and backward). adv_loss "trades": the α term is
+    KL(f(W) ‖ f(W + δ)) instead of CE(f(W + δ), y) (TRADES: it asks the perturbed model to agree
+    with the clean one rather than with the label; give clean_weight > 0 with it)."""
 
-    alpha = ctx.settings["alpha"]
+    alpha, beta = ctx.settings["alpha"], ctx.settings["clean_weight"]
+    trades = ctx.settings["adv_loss"] == "trades"
     loss = None
+    clean_logits = model(x) if beta > 0.0 or (trades and alpha > 0.0) else None
     if alpha > 0.0:
-        loss = alpha * _perturbed_loss(model, _raw(model, ctx), x, y, ctx)
+        loss = alpha * _perturbed_loss(
+            model, _raw(model, ctx), x, y, ctx, clean_logits if trades else None
+        )
     if alpha < 1.0:
         with sampling(
             model,
@@ -190,4 +238,6 @@ def _atrice_step(model, x, y, ctx):
         ):
             loss_n = (1.0 - alpha) * F.cross_entropy(model(x), y)
         loss = loss_n if loss is None else loss + loss_n
+    if beta > 0.0:
+        loss = loss + beta * F.cross_entropy(clean_logits, y)
     return loss

@@ -306,8 +306,11 @@ def fit(
     injects right-censored Gaussian noise with ``sigma_t`` and ``th_rcg``. adv (Algorithm 2 of
     the paper) trains under the one-step F-LWC perturbation |δ_l| <= ``th_g``·s_l of the current
     weights (``step_size``, default th_g; ``adv_steps`` sign steps, default 1; margin confidence
-    ``kappa``); atrice (Algorithm 3) minimizes (1 − ``alpha``)·loss under RCG noise + alpha·loss
-    under that perturbation (alpha = 1: adv; alpha = 0: trice). See cimext.train.adversarial.
+    ``kappa``; ``random_start``: start each search from δ uniform inside the bound); atrice
+    (Algorithm 3) minimizes (1 − ``alpha``)·loss under RCG noise + alpha·loss under that
+    perturbation (alpha = 1: adv; alpha = 0: trice), plus ``clean_weight``·loss of the clean
+    weights (default 0); ``adv_loss="trades"`` makes the perturbed term KL(f(W) ‖ f(W + δ)).
+    See cimext.train.adversarial.
 
     ``metric``: "clean" (accuracy without noise), "mc" (the q-quantile of a Monte Carlo run;
     ``metric_options`` n=100, q=0.05, seed=0, device=``device`` or the layers' DeviceModel),
