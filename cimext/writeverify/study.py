@@ -26,12 +26,13 @@ from torch import nn
 from .._util import check_finite_weights, check_seed, device_dict
 from .._util import progress as _progress
 from ..device import DeviceModel
-from ..nn import clean, perturbation, require_cim_layers
+from ..nn import clean, require_cim_layers
 from ..reference import splitmix64
 from ..worstcase.monte_carlo import instance_seeds
 from .hessian import effective_weight, hessian_diag
 from .program import check_max_pulses, draw_layer
 from .sensitivity import GRANULARITIES, METHODS, expected_hessian_diag, sensitivity, verify_masks
+from .sweep import _accuracy
 
 DEFAULT_SIGMAS = (0.1, 0.2, 0.3, 0.4, 0.5)
 KINDS = ("uniform", "non-uniform")
@@ -45,15 +46,6 @@ STUDY_FRACTIONS = (
     *(0.08, 0.09, 0.1, 0.11, 0.12, 0.135, 0.15, 0.17, 0.19, 0.21, 0.23, 0.25, 0.275, 0.3),
     *(0.33, 0.36, 0.4, 0.45, 0.5, 0.6, 0.7, 0.85, 1.0),
 )
-
-
-def _accuracy(model, batches, deltas) -> float:
-    correct = total = 0
-    with perturbation(model, deltas):
-        for x, y in batches:
-            correct += int((model(x).argmax(-1) == y).sum())
-            total += int(y.numel())
-    return correct / total
 
 
 def _check_batches(data, name: str, dev, chunk: int = 500) -> list:
